@@ -1,0 +1,3 @@
+from fredfusion.cli import main
+
+raise SystemExit(main())
