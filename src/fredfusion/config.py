@@ -1,0 +1,280 @@
+"""One typed training configuration: defaults, YAML files, CLI overrides and the seed tool's names."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key (and file)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Names are snake_case; the seed tool's names are accepted too."""
+
+    # data and model
+    data: str = "datasets/fred_coco"
+    modality: str = "dual"
+    model: str = "s"
+    fusion: str = "concat"
+    input_shape: list[int] = field(default_factory=lambda: [384, 640])  # (height, width), multiples of 32
+    weights: str = ""  # initialise from these weights (rgb -> dual mapping supported)
+    autoanchor: bool = False
+    pairs: str = "required"  # which images train: required (the modality's frames exist), dual, any
+    # phases (the seed tool's semantics: epochs counted over the whole run)
+    init_epoch: int = 0
+    freeze_epoch: int = 50
+    unfreeze_epoch: int = 300
+    freeze_batch_size: int = 16
+    unfreeze_batch_size: int = 8
+    freeze_train: bool = True  # run the freeze phase (backbones frozen) before unfreezing
+    freeze_training: bool = False  # train the freeze phase only, then stop
+    # optimisation
+    optimizer: str = "sgd"
+    init_lr: float = 1e-2
+    min_lr_ratio: float = 0.01
+    momentum: float = 0.937
+    weight_decay: float = 5e-4
+    lr_decay_type: str = "cos"
+    warmup_epochs: float = 3.0
+    nominal_batch: int = 64
+    label_smoothing: float = 0.0
+    # augmentation
+    mosaic: bool = True
+    mosaic_prob: float = 0.5
+    mixup: bool = True
+    mixup_prob: float = 0.5
+    special_aug_ratio: float = 0.7
+    translate: float = 0.1
+    scale: float = 0.5
+    fliplr: float = 0.5
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    # precision and speed
+    fp16: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
+    channels_last: bool = True
+    compile: bool = False
+    ema: bool = True
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+    device: str = ""  # "" = cuda when available, else cpu
+    seed: int = 0
+    # evaluation and checkpoints
+    eval_period: int = 5
+    no_eval_map: bool = False
+    best_metric: str = "mAP50"
+    eval_batch_size: int = 32
+    conf_thres: float = 0.001
+    nms_iou: float = 0.6
+    save_period: int = 10
+    save_dir: str = "runs/train"
+    name: str = ""  # run folder name; "" = modality
+    exist_ok: bool = True
+    best_alias: str = ""  # also copy best weights here (seed workflow: logs/fred_fusion/fred_fusion_best.pth)
+    resume: bool = False
+    quick_test: bool = False
+    quick_test_batches: int = 100
+    log_interval: int = 10
+    max_bad_frame_share: float = 0.01
+
+    def run_dir(self) -> Path:
+        """Folder of this run's logs and checkpoints."""
+        return Path(self.save_dir) / (self.name or self.modality)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML/JSON/checkpoint friendly)."""
+        return dataclasses.asdict(self)
+
+
+# The seed tool's spellings (train_fred_fusion.py) mapped to ours.
+ALIASES: dict[str, str] = {
+    "phi": "model",
+    "Init_Epoch": "init_epoch",
+    "Freeze_Epoch": "freeze_epoch",
+    "UnFreeze_Epoch": "unfreeze_epoch",
+    "Unfreeze_Epoch": "unfreeze_epoch",
+    "epochs": "unfreeze_epoch",
+    "Freeze_batch_size": "freeze_batch_size",
+    "Unfreeze_batch_size": "unfreeze_batch_size",
+    "Freeze_Train": "freeze_train",
+    "Init_lr": "init_lr",
+    "optimizer_type": "optimizer",
+    "model_path": "weights",
+    "eval_flag": None,  # handled: eval_flag false == no_eval_map true
+    "imgsz": None,  # handled: width; height = 16:9 rounded to 32
+    "Min_lr": None,  # handled: ratio to init_lr
+    "batch_size": None,  # handled: both phases
+    "mixed_precision": "fp16",
+    "amp": "fp16",
+    "workers": "num_workers",
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+CHOICES = {
+    "modality": ("rgb", "event", "dual"),
+    "model": ("n", "s", "m", "l", "x"),
+    "fusion": ("concat", "attention", "early"),
+    "optimizer": ("sgd", "adamw", "adam"),
+    "lr_decay_type": ("cos", "step", "linear"),
+    "pairs": ("required", "dual", "any"),
+    "best_metric": ("mAP50", "mAP50_95", "val_loss"),
+}
+
+
+def parse_bool(value: Any) -> bool:
+    """Accept true/false, yes/no, on/off, 1/0 (any case)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on", "y"):
+        return True
+    if text in ("0", "false", "no", "off", "n"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _field_type(name: str) -> Any:
+    hints = typing.get_type_hints(TrainConfig)
+    return hints[name]
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _field_type(name)
+    try:
+        if kind is bool:
+            return parse_bool(value)
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            return float(value)
+        if kind is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError(f"expected a string, got {value!r}")
+            return str(value)
+        if typing.get_origin(kind) in (list, types.GenericAlias) or kind == list[int]:
+            if isinstance(value, str):
+                value = [v for v in value.replace("x", ",").replace(" ", ",").split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"expected a list, got {value!r}")
+            return [int(v) for v in value]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return value
+
+
+def resolve_key(key: str) -> str | None:
+    """Map a user key (ours, the seed's, or dashed) to a field name; None for the specially handled ones."""
+    if key in FIELDS:
+        return key
+    if key in ALIASES:
+        return ALIASES[key]
+    dashed = key.replace("-", "_")
+    if dashed in FIELDS:
+        return dashed
+    lowered = dashed.lower()
+    if lowered in FIELDS:
+        return lowered
+    known = sorted(set(FIELDS) | set(ALIASES))
+    hint = difflib.get_close_matches(key, known, n=1)
+    suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+    raise ConfigError(f"unknown config key '{key}'{suggestion}")
+
+
+def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str = "") -> TrainConfig:
+    """Return a copy of cfg with values (any accepted spelling) applied and validated."""
+    where = f" in {source}" if source else ""
+    updates: dict[str, Any] = {}
+    for key, value in values.items():
+        try:
+            name = resolve_key(str(key))
+            if name is None:
+                updates.update(_special(str(key), value, {**cfg.to_dict(), **updates}))
+            else:
+                updates[name] = _coerce(name, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{where}") from None
+    new = dataclasses.replace(cfg, **updates)
+    validate(new, source)
+    return new
+
+
+def _special(key: str, value: Any, current: dict[str, Any]) -> dict[str, Any]:
+    if key == "eval_flag":
+        return {"no_eval_map": not parse_bool(value)}
+    if key == "imgsz":
+        width = _coerce("nominal_batch", value)
+        return {"input_shape": [int(round(width * 9 / 16 / 32)) * 32, width]}
+    if key == "Min_lr":
+        return {"min_lr_ratio": float(value) / float(current["init_lr"])}
+    if key == "batch_size":
+        size = _coerce("nominal_batch", value)
+        return {"freeze_batch_size": size, "unfreeze_batch_size": size}
+    raise ConfigError(f"unknown config key '{key}'")
+
+
+def validate(cfg: TrainConfig, source: str = "") -> None:
+    """Check choices and ranges; raise ConfigError naming the key."""
+    where = f" in {source}" if source else ""
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"{name}: {getattr(cfg, name)!r} is not one of {', '.join(choices)}{where}")
+    if len(cfg.input_shape) != 2 or any(v <= 0 or v % 32 for v in cfg.input_shape):
+        raise ConfigError(f"input_shape: {cfg.input_shape} must be [height, width], multiples of 32{where}")
+    for name in ("freeze_batch_size", "unfreeze_batch_size", "eval_period", "log_interval", "nominal_batch"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}: must be >= 1{where}")
+    for name in ("mosaic_prob", "mixup_prob", "special_aug_ratio", "fliplr", "max_bad_frame_share"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"{name}: must be within [0, 1]{where}")
+    if cfg.unfreeze_epoch < 1 or cfg.init_epoch < 0 or cfg.freeze_epoch < 0:
+        raise ConfigError(f"epochs: need unfreeze_epoch >= 1 and non-negative init/freeze epochs{where}")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader; errors name the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value")
+    return data
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- CLI overrides."""
+    cfg = TrainConfig()
+    if path is not None:
+        cfg = apply_overrides(cfg, load_yaml(path), source=str(path))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, source="command line")
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    """Write the effective config as YAML (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)

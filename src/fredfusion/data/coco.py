@@ -1,0 +1,137 @@
+"""COCO JSON export of paired FRED images, atomic writing and checked loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fredfusion.data.fred import FRAME_HEIGHT, FRAME_WIDTH, FredError
+from fredfusion.data.pairing import PairedImage
+
+__all__ = ["CATEGORIES", "build_coco", "load_coco", "write_coco", "write_json_atomic"]
+
+CATEGORIES: list[dict[str, Any]] = [{"id": 1, "name": "drone"}]
+_REQUIRED_KEYS = ("images", "annotations", "categories")
+
+
+def _r(value: float) -> float:
+    return round(float(value), 3)
+
+
+def build_coco(
+    images: Sequence[PairedImage],
+    split_name: str,
+    info: dict[str, Any],
+    frame_size: tuple[int, int] = (FRAME_WIDTH, FRAME_HEIGHT),
+    ann_id_start: int = 1,
+) -> dict[str, Any]:
+    """Build a COCO dict for one split.
+
+    Every image must carry its final ``image_id`` (>= 0, unique). ``width``/``height`` are the
+    original frame size ``frame_size``; ``file_name`` is the RGB file name when there is one,
+    else the event file name (both relative to the FRED root, also given separately).
+    Annotation ids count up from ``ann_id_start``. ``info`` is copied into the ``info`` entry
+    together with ``split``.
+    """
+    width, height = int(frame_size[0]), int(frame_size[1])
+    coco_images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    ann_id = ann_id_start
+    for img in images:
+        image_id = int(img.image_id)
+        if image_id < 0:
+            raise ValueError(f"image {img.rgb_file_name or img.event_file_name} has no image id")
+        if image_id in seen:
+            raise ValueError(f"duplicate image id {image_id}")
+        seen.add(image_id)
+        coco_images.append(
+            {
+                "id": image_id,
+                "file_name": img.rgb_file_name if img.rgb_file_name is not None else img.event_file_name,
+                "width": width,
+                "height": height,
+                "sequence_id": int(img.sequence_id),
+                "frame_index": int(img.frame_index),
+                "time_s": round(float(img.time_s), 6),
+                "rgb_file_name": img.rgb_file_name,
+                "event_file_name": img.event_file_name,
+                "time_diff_ms": None if img.time_diff_ms is None else _r(img.time_diff_ms),
+                "pair_status": img.pair_status,
+            }
+        )
+        if len(img.boxes) == 0:
+            continue
+        for (x1, y1, x2, y2), tid, model in zip(img.boxes.tolist(), img.track_ids.tolist(), img.drone_models):
+            w, h = x2 - x1, y2 - y1
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "bbox": [_r(x1), _r(y1), _r(w), _r(h)],
+                    "area": _r(w * h),
+                    "iscrowd": 0,
+                    "category_id": 1,
+                    "track_id": int(tid),
+                    "drone_model": model,
+                }
+            )
+            ann_id += 1
+    return {
+        "info": {**info, "split": split_name},
+        "images": coco_images,
+        "annotations": annotations,
+        "categories": [dict(c) for c in CATEGORIES],
+    }
+
+
+def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
+    """Write ``data`` as JSON to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=indent, separators=None if indent else (",", ":"))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_coco(path: Path, coco: dict[str, Any]) -> None:
+    """Write a COCO dict atomically (temporary file in the same folder, then ``os.replace``)."""
+    write_json_atomic(path, coco)
+
+
+def load_coco(path: Path) -> dict[str, Any]:
+    """Load and check a COCO file; raises :class:`FredError` naming the file when it is unusable."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise FredError(f"{path}: COCO file not found") from None
+    except json.JSONDecodeError as exc:
+        raise FredError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FredError(f"{path}: cannot read COCO file ({exc})") from None
+    if not isinstance(data, dict):
+        raise FredError(f"{path}: not a COCO file (top level is not an object)")
+    missing = [k for k in _REQUIRED_KEYS if not isinstance(data.get(k), list)]
+    if missing:
+        raise FredError(f"{path}: not a COCO file (missing or invalid: {', '.join(missing)})")
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img:
+            raise FredError(f"{path}: images[{i}] has no id")
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or not {"image_id", "bbox"} <= ann.keys():
+            raise FredError(f"{path}: annotations[{i}] needs image_id and bbox")
+    return data

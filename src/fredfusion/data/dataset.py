@@ -1,0 +1,268 @@
+"""Reading API over a prepared folder: COCO split file + frame store (decoding fallback)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fredfusion.data.store import MANIFEST_NAME, FrameStore, read_frame
+
+MODALITY_CHOICES = ("rgb", "event", "dual")
+PAIRS_CHOICES = ("required", "dual", "any")
+_PAIR_STATUS = ("dual", "rgb_only", "event_only")
+
+
+@dataclass
+class FrameBatch:
+    """Frames and boxes of a batch of images, in store pixels."""
+
+    ids: np.ndarray
+    rgb: np.ndarray
+    event: np.ndarray
+    boxes: list[np.ndarray]
+    has_rgb: np.ndarray
+    has_event: np.ndarray
+
+
+def _load_coco(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"split file not found: {path}; run `fredfusion prepare` to create the prepared folder"
+        )
+    try:
+        with open(path) as f:
+            coco = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON in {path} (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
+        raise ValueError(f"{path} is not a COCO file (no 'images' list)")
+    return coco
+
+
+def _modalities_of(modality: str) -> tuple[str, ...]:
+    return {"rgb": ("rgb",), "event": ("event",), "dual": ("rgb", "event")}[modality]
+
+
+class PreparedDataset:
+    """One split of a prepared folder: image list, boxes in store pixels, frames from the store.
+
+    modality: rgb | event | dual. pairs: "required" keeps images that have the modality (both for
+    dual), "dual" keeps true pairs only whatever the modality, "any" keeps every image (a missing
+    modality reads as zeros). max_images keeps that many images spread evenly over the split.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        modality: str = "dual",
+        pairs: str = "required",
+        max_images: int | None = None,
+    ) -> None:
+        if modality not in MODALITY_CHOICES:
+            raise ValueError(f"modality must be one of {MODALITY_CHOICES}, got {modality!r}")
+        if pairs not in PAIRS_CHOICES:
+            raise ValueError(f"pairs must be one of {PAIRS_CHOICES}, got {pairs!r}")
+        if max_images is not None and max_images < 0:
+            raise ValueError(f"max_images must be >= 0, got {max_images}")
+        self.root = Path(root)
+        self.split = split
+        self.modality = modality
+        self.pairs = pairs
+        self.path = self.root / "annotations" / f"instances_{split}.json"
+        self.coco = _load_coco(self.path)
+        info = self.coco.get("info") or {}
+        self.fred_root: Path | None = Path(info["fred_root"]) if info.get("fred_root") else None
+
+        flags = [self._image_flags(k, img) for k, img in enumerate(self.coco["images"])]
+        keep = [k for k, (has_rgb, has_event) in enumerate(flags) if self._wanted(has_rgb, has_event)]
+        if max_images is not None and len(keep) > max_images:
+            pick = np.unique(np.linspace(0, len(keep) - 1, max_images).round().astype(np.int64))
+            keep = [keep[i] for i in pick] if max_images > 0 else []
+        self.images: list[dict[str, Any]] = [self.coco["images"][k] for k in keep]
+        self.ids = np.asarray([int(img["id"]) for img in self.images], dtype=np.int64)
+        self.has_rgb = np.asarray([flags[k][0] for k in keep], dtype=bool)
+        self.has_event = np.asarray([flags[k][1] for k in keep], dtype=bool)
+        self._index = {int(i): k for k, i in enumerate(self.ids)}
+        if len(self._index) != len(self.ids):
+            raise ValueError(f"{self.path}: duplicate image ids")
+
+        first = self.images[0] if self.images else (self.coco["images"] or [{}])[0]
+        self.orig_hw: tuple[int, int] = (int(first.get("height", 720)), int(first.get("width", 1280)))
+        self.store_dir = self.root / "store"
+        self.store: FrameStore | None = None
+        self.store_hw = self._store_size(info)
+        self.scale = self.store_hw[1] / self.orig_hw[1]
+        self._boxes = self._collect_boxes()
+        self._warned_fallback = False
+
+    # -- construction helpers ------------------------------------------------------------------
+
+    def _image_flags(self, k: int, img: Any) -> tuple[bool, bool]:
+        if not isinstance(img, dict):
+            raise ValueError(f"{self.path}: image entry {k} is not an object")
+        for key in ("id", "width", "height", "sequence_id"):
+            if key not in img:
+                raise ValueError(f"{self.path}: image entry {k} lacks {key!r}")
+        has_rgb = img.get("rgb_file_name") is not None
+        has_event = img.get("event_file_name") is not None
+        status = img.get("pair_status")
+        if status is not None:
+            if status not in _PAIR_STATUS:
+                raise ValueError(f"{self.path}: image {img['id']} has unknown pair_status {status!r}")
+            expect = {"dual": (True, True), "rgb_only": (True, False), "event_only": (False, True)}[status]
+            if (has_rgb, has_event) != expect:
+                raise ValueError(
+                    f"{self.path}: image {img['id']} has pair_status {status!r} but "
+                    f"rgb_file_name={img.get('rgb_file_name')!r}, event_file_name={img.get('event_file_name')!r}"
+                )
+        return has_rgb, has_event
+
+    def _wanted(self, has_rgb: bool, has_event: bool) -> bool:
+        if self.pairs == "any":
+            return True
+        if self.pairs == "dual" or self.modality == "dual":
+            return has_rgb and has_event
+        return has_rgb if self.modality == "rgb" else has_event
+
+    def _store_size(self, info: dict[str, Any]) -> tuple[int, int]:
+        """(height, width) of the store, from the COCO info, else the store, else the default."""
+        want = None
+        if info.get("store_width") and info.get("store_height"):
+            want = (int(info["store_width"]), int(info["store_height"]))
+        if self.store_dir.is_dir() and any(self.store_dir.iterdir()):
+            # A store folder that exists must be usable: an interrupted or mismatched build is an error.
+            if not (self.store_dir / MANIFEST_NAME).is_file():
+                raise FileNotFoundError(
+                    f"incomplete frame store: {self.store_dir / MANIFEST_NAME} is missing "
+                    f"(interrupted build?); run `fredfusion prepare` again to finish it"
+                )
+            self.store = FrameStore(self.store_dir, expect_wh=want)
+            return self.store.height, self.store.width
+        if want is not None:
+            return want[1], want[0]
+        h, w = self.orig_hw
+        return round(640 * h / w), 640
+
+    def _collect_boxes(self) -> dict[int, np.ndarray]:
+        per_image: dict[int, list[list[float]]] = {int(i): [] for i in self.ids}
+        sx = {int(img["id"]): self.store_hw[1] / float(img["width"]) for img in self.images}
+        sy = {int(img["id"]): self.store_hw[0] / float(img["height"]) for img in self.images}
+        for k, ann in enumerate(self.coco.get("annotations") or []):
+            try:
+                iid = int(ann["image_id"])
+                x, y, w, h = (float(v) for v in ann["bbox"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{self.path}: annotation entry {k} needs image_id and bbox [x, y, w, h]") from None
+            if iid not in per_image or w <= 0 or h <= 0:
+                continue
+            per_image[iid].append([x * sx[iid], y * sy[iid], (x + w) * sx[iid], (y + h) * sy[iid]])
+        return {
+            iid: np.asarray(b, dtype=np.float32).reshape(-1, 4) for iid, b in per_image.items()
+        }
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _pos(self, image_id: int) -> int:
+        try:
+            return self._index[int(image_id)]
+        except KeyError:
+            raise KeyError(f"image id {image_id} is not in split {self.split!r} ({self.path})") from None
+
+    def boxes_for(self, image_id: int) -> np.ndarray:
+        """Boxes (n, 4) float32 x1y1x2y2 of one image, in store pixels."""
+        self._pos(image_id)
+        return self._boxes[int(image_id)]
+
+    def sequence_of(self, image_id: int) -> int:
+        """Sequence id of one image."""
+        return int(self.images[self._pos(image_id)]["sequence_id"])
+
+    def pairing_summary(self) -> dict[str, Any]:
+        """Pairing statistics of the kept images (avg_tdiff_ms = 0.0 when there is no pair)."""
+        dual = self.has_rgb & self.has_event
+        tdiff = [
+            abs(float(img["time_diff_ms"]))
+            for img, d in zip(self.images, dual)
+            if d and img.get("time_diff_ms") is not None
+        ]
+        n = len(self.images)
+        return {
+            "images": n,
+            "dual": int(dual.sum()),
+            "dual_rate": float(dual.sum()) / n if n else 0.0,
+            "avg_tdiff_ms": float(np.mean(tdiff)) if tdiff else 0.0,
+        }
+
+    def load(self, ids: Any, modalities: tuple[str, ...] | None = None) -> FrameBatch:
+        """Frames and boxes of ``ids`` (rows in that order) from the store, decoding as a fallback.
+
+        ``modalities`` defaults to those of the dataset's modality; others read as zeros and
+        their has_* flags are False.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        mods = _modalities_of(self.modality) if modalities is None else tuple(modalities)
+        pos = np.asarray([self._pos(i) for i in ids], dtype=np.int64)
+        h, w = self.store_hw
+        frames: dict[str, np.ndarray] = {}
+        in_store = self.store.has(ids) if self.store is not None else np.zeros(len(ids), dtype=bool)
+        if in_store.all() and self.store is not None:
+            frames = self.store.read(ids, mods)
+        else:
+            frames = {m: np.zeros((len(ids), h, w, 3), dtype=np.uint8) for m in mods}
+            if in_store.any() and self.store is not None:
+                got = self.store.read(ids[in_store], mods)
+                for m in mods:
+                    frames[m][in_store] = got[m]
+            self._decode_missing(ids, pos, ~in_store, frames)
+        zeros = None
+        for m in ("rgb", "event"):
+            if m not in frames:
+                zeros = zeros if zeros is not None else np.zeros((len(ids), h, w, 3), dtype=np.uint8)
+                frames[m] = zeros
+        return FrameBatch(
+            ids=ids,
+            rgb=frames["rgb"],
+            event=frames["event"],
+            boxes=[self._boxes[int(i)] for i in ids],
+            has_rgb=self.has_rgb[pos] & ("rgb" in mods),
+            has_event=self.has_event[pos] & ("event" in mods),
+        )
+
+    def _decode_missing(
+        self, ids: np.ndarray, pos: np.ndarray, missing: np.ndarray, frames: dict[str, np.ndarray]
+    ) -> None:
+        if not missing.any():
+            return
+        if self.fred_root is None:
+            raise FileNotFoundError(
+                f"image {int(ids[missing][0])} is not in the frame store {self.store_dir} and {self.path} "
+                f"has no info.fred_root to decode it from; run `fredfusion prepare`"
+            )
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            reason = "absent" if self.store is None else "missing some images"
+            warnings.warn(
+                f"frame store {self.store_dir} is {reason}: decoding frames from {self.fred_root} "
+                f"(slow); run `fredfusion prepare` to build the store",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        h, w = self.store_hw
+        for row in np.flatnonzero(missing):
+            img = self.images[pos[row]]
+            for m in frames:
+                name = img.get(f"{m}_file_name")
+                if name is None:
+                    continue
+                frames[m][row] = read_frame(
+                    self.fred_root / name, w, h, orig_size=(int(img["width"]), int(img["height"]))
+                )

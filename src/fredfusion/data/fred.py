@@ -1,0 +1,461 @@
+"""Read a FRED dataset tree into a compact per-sequence index.
+
+The reader touches file names only (``os.scandir``, no per-file ``stat``) and the annotation
+text files; it never opens an image. Quirks of real copies that it handles are listed in
+``shared/FRED_FORMAT.md``: flat and official (``train/``, ``test/``) layouts, zipped sequences,
+``PADDED_RGB/`` preferred over ``RGB/``, ``interpolated_coordinates.txt`` preferred over
+``coordinates.txt``, RGB names without the ``Video_<id>_`` prefix, event names without
+``frame``, numeric ordering of event frames, optional track id and drone model columns.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "FRAME_HEIGHT",
+    "FRAME_WIDTH",
+    "FredError",
+    "Annotations",
+    "FredScan",
+    "SequenceIndex",
+    "parse_annotations",
+    "read_sequence",
+    "scan_root",
+]
+
+FRAME_WIDTH = 1280
+FRAME_HEIGHT = 720
+
+# Names of the folders and files inside a sequence folder, in order of preference.
+RGB_DIRS = ("PADDED_RGB", "RGB")
+EVENT_DIR = ("Event", "Frames")
+ANNOTATION_FILES = ("interpolated_coordinates.txt", "coordinates.txt")
+SPLIT_DIRS = ("train", "test")
+
+_SEQ_DIR_RE = re.compile(r"^\d+$")
+_ZIP_RE = re.compile(r"^(\d+)\.zip$", re.IGNORECASE)
+# Video_<id>_<HH>_<MM>_<SS.ffffff>.jpg, the prefix is missing in some copies.
+_RGB_RE = re.compile(r"^(?:Video_\d+_)?(\d{1,2})_(\d{1,2})_(\d{1,2}(?:\.\d*)?)\.jpe?g$", re.IGNORECASE)
+# Video_<id>_frame_<t_us>.png, ``frame_`` is missing in some copies.
+_EVENT_RE = re.compile(r"^Video_\d+_(?:frame_)?(\d+)\.png$", re.IGNORECASE)
+
+_MAX_EXAMPLES = 3
+_SECONDS_PER_DAY = 86400.0
+
+
+class FredError(ValueError):
+    """A FRED tree or file that cannot be used; the message names the path (and line)."""
+
+
+@dataclass(frozen=True)
+class FredScan:
+    """Result of :func:`scan_root`.
+
+    Attributes:
+        root: the FRED root, absolute.
+        sequences: sequence id -> sequence folder (absolute), sorted by id.
+        zipped: ``<id>.zip`` files whose sequence has no unzipped folder, sorted by id.
+        problems: non-fatal findings (e.g. the same id in two places; the first one wins).
+    """
+
+    root: Path
+    sequences: dict[int, Path]
+    zipped: list[Path] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SequenceIndex:
+    """Everything the pipeline needs to know about one sequence, without pixels.
+
+    File names are relative to the FRED root (POSIX separators). Times are float64 seconds:
+    RGB times are seconds of the day (wall clock from the file names), event and box times are
+    seconds since the recording start (the annotation clock).
+    """
+
+    seq_id: int
+    seq_dir: Path
+    rgb_dir: str | None
+    rgb_files: list[str]
+    rgb_t: np.ndarray
+    event_files: list[str]
+    event_t: np.ndarray
+    annotation_file: str | None
+    box_t: np.ndarray
+    boxes: np.ndarray
+    track_ids: np.ndarray
+    drone_models: list[str]
+    width: int = FRAME_WIDTH
+    height: int = FRAME_HEIGHT
+    n_clipped: int = 0
+    n_dropped_empty: int = 0
+    n_malformed: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def n_boxes(self) -> int:
+        """Number of valid boxes read from the annotation file."""
+        return len(self.box_t)
+
+
+def _rel(path: str, root: str) -> str:
+    """Path of ``path`` relative to ``root`` with forward slashes."""
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def scan_root(root: Path) -> FredScan:
+    """Find the sequence folders of a FRED tree.
+
+    Accepts the flat layout ``<root>/<id>/`` and the official one ``<root>/train/<id>/``,
+    ``<root>/test/<id>/`` (also mixed). ``<id>.zip`` files without an unzipped folder of the same
+    id are listed in ``zipped``. Raises :class:`FredError` when the root does not exist or is not
+    a folder.
+    """
+    root = Path(root).expanduser().absolute()
+    if not root.exists():
+        raise FredError(f"{root}: FRED root not found")
+    if not root.is_dir():
+        raise FredError(f"{root}: FRED root is not a folder")
+    sequences: dict[int, Path] = {}
+    zips: dict[int, Path] = {}
+    problems: list[str] = []
+
+    def visit(folder: Path, descend: bool) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            problems.append(f"{folder}: cannot list folder ({exc.strerror or exc})")
+            return
+        for entry in entries:
+            name = entry.name
+            if _SEQ_DIR_RE.match(name) and entry.is_dir():
+                seq_id = int(name)
+                path = Path(entry.path)
+                if seq_id in sequences:
+                    problems.append(f"{path}: sequence {seq_id} also found at {sequences[seq_id]}; ignored")
+                else:
+                    sequences[seq_id] = path
+            elif descend and name.lower() in SPLIT_DIRS and entry.is_dir():
+                visit(Path(entry.path), descend=False)
+            else:
+                match = _ZIP_RE.match(name)
+                if match:
+                    zips.setdefault(int(match.group(1)), Path(entry.path))
+
+    visit(root, descend=True)
+    zipped = [zips[i] for i in sorted(zips) if i not in sequences]
+    return FredScan(
+        root=root,
+        sequences={i: sequences[i] for i in sorted(sequences)},
+        zipped=zipped,
+        problems=problems,
+    )
+
+
+def _list_names(folder: str) -> list[str] | None:
+    """File names in ``folder`` (no stat), or None when it cannot be listed."""
+    try:
+        with os.scandir(folder) as it:
+            return [entry.name for entry in it]
+    except OSError:
+        return None
+
+
+def _report_unparsed(problems: list[str], folder: str, bad: list[str], what: str) -> None:
+    if not bad:
+        return
+    bad.sort()
+    examples = ", ".join(bad[:_MAX_EXAMPLES])
+    more = ", ..." if len(bad) > _MAX_EXAMPLES else ""
+    problems.append(f"{folder}: {len(bad)} file name(s) not recognised as {what} frames ({examples}{more})")
+
+
+def _parse_rgb_names(names: list[str]) -> tuple[list[str], list[float], list[str]]:
+    """Split RGB names into (kept names, seconds of day, unrecognised names)."""
+    kept: list[str] = []
+    times: list[float] = []
+    bad: list[str] = []
+    match = _RGB_RE.match
+    for name in names:
+        m = match(name)
+        if m is None:
+            bad.append(name)
+            continue
+        hh, mm, ss = m.groups()
+        h, mi, s = int(hh), int(mm), float(ss)
+        if h > 23 or mi > 59 or s >= 61.0:
+            bad.append(name)
+            continue
+        kept.append(name)
+        times.append(h * 3600.0 + mi * 60.0 + s)
+    return kept, times, bad
+
+
+def _parse_event_names(names: list[str]) -> tuple[list[str], list[int], list[str]]:
+    """Split event names into (kept names, microseconds, unrecognised names)."""
+    kept: list[str] = []
+    times: list[int] = []
+    bad: list[str] = []
+    match = _EVENT_RE.match
+    for name in names:
+        m = match(name)
+        if m is None:
+            bad.append(name)
+            continue
+        kept.append(name)
+        times.append(int(m.group(1)))
+    return kept, times, bad
+
+
+def _count_duplicates(sorted_t: np.ndarray) -> int:
+    return int(np.count_nonzero(np.diff(sorted_t) == 0)) if len(sorted_t) > 1 else 0
+
+
+def _read_rgb(seq_dir: str, root: str, problems: list[str]) -> tuple[str | None, list[str], np.ndarray]:
+    chosen: tuple[str, list[str], list[float], list[str]] | None = None
+    for sub in RGB_DIRS:
+        candidate = os.path.join(seq_dir, sub)
+        names = _list_names(candidate)
+        if names is None:
+            continue
+        parsed = (candidate, *_parse_rgb_names(names))
+        if chosen is None or (not chosen[1] and parsed[1]):
+            chosen = parsed
+        if parsed[1]:
+            break
+    if chosen is None:
+        problems.append(f"{seq_dir}: no RGB folder ({' or '.join(RGB_DIRS)}); sequence has no RGB frames")
+        return None, [], np.zeros(0, dtype=np.float64)
+    rgb_dir, kept, times, bad = chosen
+    _report_unparsed(problems, rgb_dir, [b for b in bad if not b.startswith(".")], "RGB")
+    t = np.asarray(times, dtype=np.float64)
+    if len(t) and float(t.max() - t.min()) > _SECONDS_PER_DAY / 2:
+        # The recording crossed midnight: times after midnight belong to the next day.
+        t = np.where(t < _SECONDS_PER_DAY / 2, t + _SECONDS_PER_DAY, t)
+    order = np.argsort(t, kind="stable")
+    t = t[order]
+    rel_dir = _rel(rgb_dir, root)
+    files = [f"{rel_dir}/{kept[i]}" for i in order.tolist()]
+    dup = _count_duplicates(t)
+    if dup:
+        problems.append(f"{rgb_dir}: {dup} RGB frame(s) share a time stamp with another frame")
+    return rel_dir, files, t
+
+
+def _read_events(seq_dir: str, root: str, problems: list[str]) -> tuple[list[str], np.ndarray]:
+    event_dir = os.path.join(seq_dir, *EVENT_DIR)
+    names = _list_names(event_dir)
+    if names is None:
+        problems.append(f"{event_dir}: event frame folder missing; sequence has no event frames")
+        return [], np.zeros(0, dtype=np.float64)
+    kept, times_us, bad = _parse_event_names(names)
+    _report_unparsed(problems, event_dir, [b for b in bad if not b.startswith(".")], "event")
+    t_us = np.asarray(times_us, dtype=np.int64)
+    order = np.argsort(t_us, kind="stable")
+    t_us = t_us[order]
+    rel_dir = _rel(event_dir, root)
+    files = [f"{rel_dir}/{kept[i]}" for i in order.tolist()]
+    dup = _count_duplicates(t_us)
+    if dup:
+        problems.append(f"{event_dir}: {dup} event frame(s) share a time stamp with another frame")
+    return files, t_us.astype(np.float64) / 1e6
+
+
+@dataclass
+class Annotations:
+    """Boxes parsed from one annotation file (see :func:`parse_annotations`)."""
+
+    box_t: np.ndarray
+    boxes: np.ndarray
+    track_ids: np.ndarray
+    drone_models: list[str]
+    n_clipped: int
+    n_dropped_empty: int
+    n_malformed: int
+    problems: list[str]
+
+
+def _parse_int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+
+
+def parse_annotations(
+    data: bytes, path: str, width: int = FRAME_WIDTH, height: int = FRAME_HEIGHT
+) -> Annotations:
+    """Parse the bytes of a FRED ``coordinates.txt``-style file.
+
+    Lines are ``time: x1, y1, x2, y2[, id[, class]]`` (a lone fifth column that is not an
+    integer is taken as the class). Boxes are clipped to ``[0, width] x [0, height]``; boxes
+    that are empty after clipping are dropped and counted. Malformed lines (unparseable, NaN or
+    infinite numbers, negative time, ``x2 < x1`` or ``y2 < y1``) are skipped and reported as
+    ``path:line: reason``. Invalid UTF-8 is replaced and reported.
+    """
+    problems: list[str] = []
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8-sig", errors="replace")
+        bad_utf8 = True
+    else:
+        bad_utf8 = False
+    times: list[float] = []
+    coords: list[tuple[float, float, float, float]] = []
+    ids: list[int] = []
+    models: list[str] = []
+    n_malformed = 0
+
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if bad_utf8 and "\ufffd" in line:
+            problems.append(f"{path}:{lineno}: invalid UTF-8 bytes (replaced)")
+        head, sep, rest = line.partition(":")
+        parts = rest.split(",", 5) if sep else []
+        if len(parts) < 4:
+            n_malformed += 1
+            problems.append(f"{path}:{lineno}: malformed line (expected 'time: x1, y1, x2, y2[, id, class]')")
+            continue
+        try:
+            t = float(head)
+            x1, y1, x2, y2 = (float(p) for p in parts[:4])
+        except ValueError:
+            n_malformed += 1
+            problems.append(f"{path}:{lineno}: malformed line (time or coordinate is not a number)")
+            continue
+        if not all(math.isfinite(v) for v in (t, x1, y1, x2, y2)):
+            n_malformed += 1
+            problems.append(f"{path}:{lineno}: NaN or infinite value")
+            continue
+        if t < 0:
+            n_malformed += 1
+            problems.append(f"{path}:{lineno}: negative time {t}")
+            continue
+        if x2 < x1 or y2 < y1:
+            n_malformed += 1
+            problems.append(f"{path}:{lineno}: x2 < x1 or y2 < y1")
+            continue
+        track_id = -1
+        model = ""
+        if len(parts) >= 5:
+            fifth = parts[4].strip()
+            parsed = _parse_int(fifth) if fifth else None
+            if parsed is not None:
+                track_id = parsed
+                if len(parts) == 6:
+                    model = parts[5].strip()
+            elif len(parts) == 5:
+                model = fifth
+            elif fifth:
+                n_malformed += 1
+                problems.append(f"{path}:{lineno}: track id {fifth!r} is not an integer")
+                continue
+            else:
+                model = parts[5].strip()
+        times.append(t)
+        coords.append((x1, y1, x2, y2))
+        ids.append(track_id)
+        models.append(model)
+
+    box_t = np.asarray(times, dtype=np.float64)
+    raw_boxes = np.asarray(coords, dtype=np.float64).reshape(-1, 4)
+    clipped = raw_boxes.copy()
+    np.clip(clipped[:, 0::2], 0.0, float(width), out=clipped[:, 0::2])
+    np.clip(clipped[:, 1::2], 0.0, float(height), out=clipped[:, 1::2])
+    changed = np.any(clipped != raw_boxes, axis=1)
+    empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+    keep = ~empty
+    n_clipped = int(np.count_nonzero(changed & keep))
+    n_dropped = int(np.count_nonzero(empty))
+    track_arr = np.asarray(ids, dtype=np.int64)
+    kept_idx = np.flatnonzero(keep)
+    # Sort by time (stable: lines of one time keep their file order).
+    order = kept_idx[np.argsort(box_t[kept_idx], kind="stable")]
+    return Annotations(
+        box_t=box_t[order],
+        boxes=clipped[order].astype(np.float32),
+        track_ids=track_arr[order],
+        drone_models=[models[i] for i in order.tolist()],
+        n_clipped=n_clipped,
+        n_dropped_empty=n_dropped,
+        n_malformed=n_malformed,
+        problems=problems,
+    )
+
+
+def read_sequence(
+    seq_dir: Path, fred_root: Path, width: int = FRAME_WIDTH, height: int = FRAME_HEIGHT
+) -> SequenceIndex:
+    """Index one sequence folder: frame names and times of both modalities and the boxes.
+
+    Never raises on bad content: missing folders, unrecognised file names, a missing annotation
+    file (all frames are then background) and malformed lines end up in ``problems``. Raises
+    :class:`FredError` only when ``seq_dir`` is not a folder named by an integer id.
+    """
+    seq_dir = Path(seq_dir).absolute()
+    root = str(Path(fred_root).absolute())
+    if not _SEQ_DIR_RE.match(seq_dir.name):
+        raise FredError(f"{seq_dir}: a sequence folder must be named by its integer id")
+    if not seq_dir.is_dir():
+        raise FredError(f"{seq_dir}: sequence folder not found")
+    sdir = str(seq_dir)
+    problems: list[str] = []
+    rgb_dir, rgb_files, rgb_t = _read_rgb(sdir, root, problems)
+    event_files, event_t = _read_events(sdir, root, problems)
+
+    ann_path = None
+    for name in ANNOTATION_FILES:
+        candidate = os.path.join(sdir, name)
+        try:
+            with open(candidate, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problems.append(f"{candidate}: cannot read ({exc.strerror or exc})")
+            continue
+        ann_path = candidate
+        break
+    if ann_path is None:
+        problems.append(
+            f"{sdir}: no annotation file ({' or '.join(ANNOTATION_FILES)}); all frames are background"
+        )
+        ann = parse_annotations(b"", "", width, height)
+    else:
+        ann = parse_annotations(data, ann_path, width, height)
+        problems.extend(ann.problems)
+
+    return SequenceIndex(
+        seq_id=int(seq_dir.name),
+        seq_dir=seq_dir,
+        rgb_dir=rgb_dir,
+        rgb_files=rgb_files,
+        rgb_t=rgb_t,
+        event_files=event_files,
+        event_t=event_t,
+        annotation_file=_rel(ann_path, root) if ann_path else None,
+        box_t=ann.box_t,
+        boxes=ann.boxes,
+        track_ids=ann.track_ids,
+        drone_models=ann.drone_models,
+        width=width,
+        height=height,
+        n_clipped=ann.n_clipped,
+        n_dropped_empty=ann.n_dropped_empty,
+        n_malformed=ann.n_malformed,
+        problems=problems,
+    )

@@ -1,0 +1,85 @@
+"""Optimizer parameter groups and the learning-rate schedule (warm-up + cosine, a pure function of progress)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD (nesterov) or AdamW with weight decay on conv/linear weights only (not on BN or biases)."""
+    decay, no_decay, biases = [], [], []
+    for module in model.modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if pname == "bias":
+                biases.append(param)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm) or param.ndim <= 1:
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": biases, "weight_decay": 0.0},
+    ]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    if name in ("adamw", "adam"):
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    raise ValueError(f"unknown optimizer {name!r} (sgd, adamw)")
+
+
+def scaled_lr(init_lr: float, batch_size: int, optimizer: str, nominal_batch: int = 64) -> float:
+    """Init_lr scaled by batch / nominal batch, clamped to the ranges the seed tool used."""
+    lo, hi = (3e-4, 1e-3) if optimizer in ("adam", "adamw") else (5e-4, 5e-2)
+    if optimizer in ("adam", "adamw") and init_lr > hi:
+        init_lr = 1e-3  # the seed default 1e-2 is an SGD value
+    return min(max(batch_size / nominal_batch * init_lr, lo), hi)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """lr(progress) with progress in epochs (fractional): linear warm-up, then cosine / linear / step decay."""
+
+    total_epochs: float
+    warmup_epochs: float
+    min_lr_ratio: float
+    kind: str = "cos"
+    warmup_start: float = 0.1
+    warmup_momentum: float = 0.8
+
+    def factor(self, progress: float) -> float:
+        """Multiplier of the phase's base learning rate at this point of training."""
+        warm = min(self.warmup_epochs, 0.3 * self.total_epochs)
+        if warm > 0 and progress < warm:
+            return self.warmup_start + (1.0 - self.warmup_start) * progress / warm
+        span = max(self.total_epochs - warm, 1e-9)
+        t = min(max((progress - warm) / span, 0.0), 1.0)
+        low = self.min_lr_ratio
+        if self.kind == "cos":
+            return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * t))
+        if self.kind == "linear":
+            return 1.0 - (1.0 - low) * t
+        steps = 10  # "step": ten equal drops to the minimum
+        return low ** (math.floor(t * steps) / steps)
+
+    def momentum(self, progress: float, momentum: float) -> float:
+        """Momentum warms up from warmup_momentum to its value together with the learning rate."""
+        warm = min(self.warmup_epochs, 0.3 * self.total_epochs)
+        if warm > 0 and progress < warm:
+            return self.warmup_momentum + (momentum - self.warmup_momentum) * progress / warm
+        return momentum
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, momentum: float | None = None) -> None:
+    """Apply a learning rate (and SGD momentum / Adam beta1) to every group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if momentum is not None:
+            if "momentum" in group:
+                group["momentum"] = momentum
+            elif "betas" in group:
+                group["betas"] = (momentum, group["betas"][1])

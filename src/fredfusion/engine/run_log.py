@@ -1,0 +1,66 @@
+"""What a run leaves to read: TensorBoard events, results.csv and PNG curves (rank 0 only)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CSV_COLUMNS = ("epoch", "train_loss", "box_loss", "obj_loss", "cls_loss", "val_loss", "mAP50", "mAP50_95", "lr",
+               "pairs_per_s", "data_wait")
+
+
+class RunLog:
+    """TensorBoard writer + results.csv rows + curves; a no-op object when enabled is False."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resume: bool = False):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.csv_path = self.run_dir / "results.csv"
+        self.writer = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if not resume or not self.csv_path.exists():
+            with self.csv_path.open("w", newline="") as handle:
+                csv.writer(handle).writerow(CSV_COLUMNS)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Per-step or per-epoch scalars, names like 'train/loss'."""
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if value is not None and math.isfinite(float(value)):
+                self.writer.add_scalar(key, float(value), step)
+
+    def image(self, tag: str, image_hwc: np.ndarray, step: int) -> None:
+        """An RGB uint8 (H, W, 3) picture."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image_hwc, step, dataformats="HWC")
+
+    def epoch_row(self, row: dict[str, Any]) -> None:
+        """Append one epoch to results.csv and redraw the curves."""
+        if not self.enabled:
+            return
+        with self.csv_path.open("a", newline="") as handle:
+            csv.writer(handle).writerow(["" if row.get(c) is None else row.get(c) for c in CSV_COLUMNS])
+        try:
+            from fredfusion.eval.plots import plot_curves
+
+            plot_curves(self.csv_path, self.run_dir / "curves.png")
+        except (ImportError, ValueError, OSError):
+            pass
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from fredfusion.cli import build_parser, config_from_args
+from fredfusion.config import ConfigError, TrainConfig, apply_overrides, load_config, save_config
+
+
+def test_seed_names_map_to_fields(tmp_path: Path) -> None:
+    path = tmp_path / "seed.yaml"
+    path.write_text(
+        "phi: m\nFreeze_batch_size: 32\nUnfreeze_batch_size: 12\nFreeze_Epoch: 5\nUnFreeze_Epoch: 40\n"
+        "mosaic_prob: 0.25\nfp16: false\ninput_shape: [384, 640]\nInit_lr: 0.02\nMin_lr: 0.0002\n"
+        "eval_flag: false\noptimizer_type: adamw\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.model, cfg.freeze_batch_size, cfg.unfreeze_batch_size) == ("m", 32, 12)
+    assert (cfg.freeze_epoch, cfg.unfreeze_epoch, cfg.mosaic_prob, cfg.fp16) == (5, 40, 0.25, False)
+    assert cfg.min_lr_ratio == pytest.approx(0.01)
+    assert cfg.no_eval_map is True and cfg.optimizer == "adamw"
+
+
+def test_unknown_key_suggests_and_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("mosaic_prb: 0.5\n")
+    with pytest.raises(ConfigError, match=r"mosaic_prb.*did you mean 'mosaic_prob'.*bad.yaml"):
+        load_config(path)
+
+
+def test_wrong_types_and_choices_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="freeze_batch_size"):
+        apply_overrides(TrainConfig(), {"freeze_batch_size": "lots"})
+    with pytest.raises(ConfigError, match="modality"):
+        apply_overrides(TrainConfig(), {"modality": "thermal"})
+    with pytest.raises(ConfigError, match="input_shape"):
+        apply_overrides(TrainConfig(), {"input_shape": [360, 640]})
+
+
+def test_yaml_is_parsed_safely(tmp_path: Path) -> None:
+    path = tmp_path / "evil.yaml"
+    path.write_text("model: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_cli_flags_override_file_and_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("modality: rgb\nUnfreeze_batch_size: 4\n")
+    args = build_parser().parse_args(
+        ["train", "--config", str(path), "--Unfreeze_batch_size", "6", "--no_eval_map", "--fp16", "false",
+         "--quick_test", "--input_shape", "192", "320", "--phi", "n"]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.modality, cfg.unfreeze_batch_size, cfg.no_eval_map, cfg.fp16) == ("rgb", 6, True, False)
+    assert cfg.quick_test and cfg.input_shape == [192, 320] and cfg.model == "n"
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_freeze_training_means_freeze_phase_only() -> None:
+    cfg = apply_overrides(TrainConfig(), {"freeze_training": True, "Freeze_Epoch": 3})
+    from fredfusion.engine.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    assert trainer._phase(0) == (True, cfg.freeze_batch_size)
+    assert trainer._phase(3) == (False, cfg.unfreeze_batch_size)
