@@ -42,9 +42,10 @@ def test_attention_fusion_shape_and_gate_range() -> None:
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0.0, 0.05)
-    out = block(rgb, event)
+    with torch.no_grad():
+        out = block(rgb, event)
+        gate = block.gate(rgb, event)
     assert out.shape == (3, 16, 5, 7)
-    gate = block.gate(rgb, event)
     assert gate.shape == (3, 16, 5, 7)
     assert bool(((gate > 0) & (gate < 1)).all())
     # the gate varies over channels and positions once the gate weights are non-zero

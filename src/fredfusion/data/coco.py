@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fredfusion.data.fred import FRAME_HEIGHT, FRAME_WIDTH, FredError
 from fredfusion.data.pairing import PairedImage
@@ -16,10 +19,6 @@ __all__ = ["CATEGORIES", "build_coco", "load_coco", "write_coco", "write_json_at
 
 CATEGORIES: list[dict[str, Any]] = [{"id": 1, "name": "drone"}]
 _REQUIRED_KEYS = ("images", "annotations", "categories")
-
-
-def _r(value: float) -> float:
-    return round(float(value), 3)
 
 
 def build_coco(
@@ -39,48 +38,68 @@ def build_coco(
     """
     width, height = int(frame_size[0]), int(frame_size[1])
     coco_images: list[dict[str, Any]] = []
-    annotations: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    ann_id = ann_id_start
+    ids: list[int] = []
     for img in images:
         image_id = int(img.image_id)
         if image_id < 0:
             raise ValueError(f"image {img.rgb_file_name or img.event_file_name} has no image id")
-        if image_id in seen:
-            raise ValueError(f"duplicate image id {image_id}")
-        seen.add(image_id)
+        ids.append(image_id)
+        rgb = img.rgb_file_name
+        dt = img.time_diff_ms
         coco_images.append(
             {
                 "id": image_id,
-                "file_name": img.rgb_file_name if img.rgb_file_name is not None else img.event_file_name,
+                "file_name": rgb if rgb is not None else img.event_file_name,
                 "width": width,
                 "height": height,
-                "sequence_id": int(img.sequence_id),
-                "frame_index": int(img.frame_index),
-                "time_s": round(float(img.time_s), 6),
-                "rgb_file_name": img.rgb_file_name,
+                "sequence_id": img.sequence_id,
+                "frame_index": img.frame_index,
+                "time_s": img.time_s,
+                "rgb_file_name": rgb,
                 "event_file_name": img.event_file_name,
-                "time_diff_ms": None if img.time_diff_ms is None else _r(img.time_diff_ms),
+                "time_diff_ms": dt,
                 "pair_status": img.pair_status,
             }
         )
-        if len(img.boxes) == 0:
-            continue
-        for (x1, y1, x2, y2), tid, model in zip(img.boxes.tolist(), img.track_ids.tolist(), img.drone_models):
-            w, h = x2 - x1, y2 - y1
+    if len(set(ids)) != len(ids):
+        uniq, counts = np.unique(np.asarray(ids), return_counts=True)
+        raise ValueError(f"duplicate image id {int(uniq[counts > 1][0])}")
+    # Numbers are rounded in bulk (6 decimals for times, 3 for pixels and milliseconds).
+    times = np.round(np.asarray([im["time_s"] for im in coco_images], dtype=np.float64), 6).tolist()
+    dts = np.round(
+        np.asarray([np.nan if im["time_diff_ms"] is None else im["time_diff_ms"] for im in coco_images]), 3
+    ).tolist()
+    for im, t, dt in zip(coco_images, times, dts):
+        im["sequence_id"] = int(im["sequence_id"])
+        im["frame_index"] = int(im["frame_index"])
+        im["time_s"] = t
+        if im["time_diff_ms"] is not None:
+            im["time_diff_ms"] = dt
+
+    with_boxes = [img for img in images if len(img.boxes)]
+    annotations: list[dict[str, Any]] = []
+    if with_boxes:
+        boxes = np.concatenate([img.boxes for img in with_boxes]).astype(np.float64)
+        xywh = boxes.copy()
+        xywh[:, 2:] -= boxes[:, :2]
+        area = np.round(xywh[:, 2] * xywh[:, 3], 3).tolist()
+        xywh = np.round(xywh, 3).tolist()
+        owners = [int(img.image_id) for img in with_boxes for _ in range(len(img.boxes))]
+        tids = np.concatenate([img.track_ids for img in with_boxes]).tolist()
+        models = [m for img in with_boxes for m in img.drone_models]
+        for k, (bbox, a, image_id, tid, model) in enumerate(zip(xywh, area, owners, tids, models)):
             annotations.append(
                 {
-                    "id": ann_id,
+                    "id": ann_id_start + k,
                     "image_id": image_id,
-                    "bbox": [_r(x1), _r(y1), _r(w), _r(h)],
-                    "area": _r(w * h),
+                    "bbox": bbox,
+                    "area": a,
                     "iscrowd": 0,
                     "category_id": 1,
-                    "track_id": int(tid),
+                    "track_id": tid,
                     "drone_model": model,
                 }
             )
-            ann_id += 1
     return {
         "info": {**info, "split": split_name},
         "images": coco_images,
@@ -99,10 +118,8 @@ def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
             json.dump(data, fh, indent=indent, separators=None if indent else (",", ":"))
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 

@@ -119,7 +119,8 @@ class PreparedDataset:
             if (has_rgb, has_event) != expect:
                 raise ValueError(
                     f"{self.path}: image {img['id']} has pair_status {status!r} but "
-                    f"rgb_file_name={img.get('rgb_file_name')!r}, event_file_name={img.get('event_file_name')!r}"
+                    f"rgb_file_name={img.get('rgb_file_name')!r}, "
+                    f"event_file_name={img.get('event_file_name')!r}"
                 )
         return has_rgb, has_event
 
@@ -158,13 +159,13 @@ class PreparedDataset:
                 iid = int(ann["image_id"])
                 x, y, w, h = (float(v) for v in ann["bbox"])
             except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{self.path}: annotation entry {k} needs image_id and bbox [x, y, w, h]") from None
+                raise ValueError(
+                    f"{self.path}: annotation entry {k} needs image_id and bbox [x, y, w, h]"
+                ) from None
             if iid not in per_image or w <= 0 or h <= 0:
                 continue
             per_image[iid].append([x * sx[iid], y * sy[iid], (x + w) * sx[iid], (y + h) * sy[iid]])
-        return {
-            iid: np.asarray(b, dtype=np.float32).reshape(-1, 4) for iid, b in per_image.items()
-        }
+        return {iid: np.asarray(b, dtype=np.float32).reshape(-1, 4) for iid, b in per_image.items()}
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -202,23 +203,35 @@ class PreparedDataset:
             "avg_tdiff_ms": float(np.mean(tdiff)) if tdiff else 0.0,
         }
 
-    def load(self, ids: Any, modalities: tuple[str, ...] | None = None) -> FrameBatch:
+    def load(
+        self,
+        ids: Any,
+        modalities: tuple[str, ...] | None = None,
+        out: dict[str, np.ndarray] | None = None,
+    ) -> FrameBatch:
         """Frames and boxes of ``ids`` (rows in that order) from the store, decoding as a fallback.
 
-        ``modalities`` defaults to those of the dataset's modality; others read as zeros and
-        their has_* flags are False.
+        ``modalities`` defaults to those of the dataset's modality; the others read as zeros and
+        their has_* flags are False. ``out`` optionally gives preallocated (B, H, W, 3) uint8
+        arrays per modality to fill.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         mods = _modalities_of(self.modality) if modalities is None else tuple(modalities)
         pos = np.asarray([self._pos(i) for i in ids], dtype=np.int64)
         h, w = self.store_hw
-        frames: dict[str, np.ndarray] = {}
         in_store = self.store.has(ids) if self.store is not None else np.zeros(len(ids), dtype=bool)
-        if in_store.all() and self.store is not None:
-            frames = self.store.read(ids, mods)
+        if self.store is not None and in_store.all():
+            frames = self.store.read(ids, mods, out=out)
         else:
-            frames = {m: np.zeros((len(ids), h, w, 3), dtype=np.uint8) for m in mods}
-            if in_store.any() and self.store is not None:
+            frames = {}
+            for m in mods:
+                buf = None if out is None else out.get(m)
+                if buf is None:
+                    buf = np.zeros((len(ids), h, w, 3), dtype=np.uint8)
+                else:
+                    buf[...] = 0
+                frames[m] = buf
+            if self.store is not None and in_store.any():
                 got = self.store.read(ids[in_store], mods)
                 for m in mods:
                     frames[m][in_store] = got[m]

@@ -21,8 +21,8 @@ import numpy as np
 __all__ = [
     "FRAME_HEIGHT",
     "FRAME_WIDTH",
-    "FredError",
     "Annotations",
+    "FredError",
     "FredScan",
     "SequenceIndex",
     "parse_annotations",
@@ -304,7 +304,6 @@ def parse_annotations(
     infinite numbers, negative time, ``x2 < x1`` or ``y2 < y1``) are skipped and reported as
     ``path:line: reason``. Invalid UTF-8 is replaced and reported.
     """
-    problems: list[str] = []
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -312,67 +311,81 @@ def parse_annotations(
         bad_utf8 = True
     else:
         bad_utf8 = False
-    times: list[float] = []
-    coords: list[tuple[float, float, float, float]] = []
+    rows: list[tuple[float, float, float, float, float]] = []
+    linenos: list[int] = []
     ids: list[int] = []
     models: list[str] = []
+    issues: list[tuple[int, str]] = []  # (line number, reason)
     n_malformed = 0
 
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not line or line[0] == "#":
             continue
         if bad_utf8 and "\ufffd" in line:
-            problems.append(f"{path}:{lineno}: invalid UTF-8 bytes (replaced)")
+            issues.append((lineno, "invalid UTF-8 bytes (replaced)"))
         head, sep, rest = line.partition(":")
-        parts = rest.split(",", 5) if sep else []
-        if len(parts) < 4:
+        parts = rest.split(",", 5)
+        n = len(parts)
+        if not sep or n < 4:
             n_malformed += 1
-            problems.append(f"{path}:{lineno}: malformed line (expected 'time: x1, y1, x2, y2[, id, class]')")
+            issues.append((lineno, "malformed line (expected 'time: x1, y1, x2, y2[, id, class]')"))
             continue
         try:
-            t = float(head)
-            x1, y1, x2, y2 = (float(p) for p in parts[:4])
+            row = (float(head), float(parts[0]), float(parts[1]), float(parts[2]), float(parts[3]))
         except ValueError:
             n_malformed += 1
-            problems.append(f"{path}:{lineno}: malformed line (time or coordinate is not a number)")
-            continue
-        if not all(math.isfinite(v) for v in (t, x1, y1, x2, y2)):
-            n_malformed += 1
-            problems.append(f"{path}:{lineno}: NaN or infinite value")
-            continue
-        if t < 0:
-            n_malformed += 1
-            problems.append(f"{path}:{lineno}: negative time {t}")
-            continue
-        if x2 < x1 or y2 < y1:
-            n_malformed += 1
-            problems.append(f"{path}:{lineno}: x2 < x1 or y2 < y1")
+            issues.append((lineno, "malformed line (time or coordinate is not a number)"))
             continue
         track_id = -1
         model = ""
-        if len(parts) >= 5:
-            fifth = parts[4].strip()
-            parsed = _parse_int(fifth) if fifth else None
-            if parsed is not None:
-                track_id = parsed
-                if len(parts) == 6:
-                    model = parts[5].strip()
-            elif len(parts) == 5:
-                model = fifth
-            elif fifth:
-                n_malformed += 1
-                problems.append(f"{path}:{lineno}: track id {fifth!r} is not an integer")
-                continue
-            else:
+        if n >= 5:
+            fifth = parts[4]
+            try:
+                track_id = int(fifth)
+            except ValueError:
+                fifth = fifth.strip()
+                parsed = _parse_int(fifth) if fifth else None
+                if parsed is not None:
+                    track_id = parsed
+                elif n == 5:
+                    model = fifth
+                elif fifth:
+                    n_malformed += 1
+                    issues.append((lineno, f"track id {fifth!r} is not an integer"))
+                    continue
+            if n == 6:
                 model = parts[5].strip()
-        times.append(t)
-        coords.append((x1, y1, x2, y2))
+        rows.append(row)
+        linenos.append(lineno)
         ids.append(track_id)
         models.append(model)
 
-    box_t = np.asarray(times, dtype=np.float64)
-    raw_boxes = np.asarray(coords, dtype=np.float64).reshape(-1, 4)
+    arr = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+    finite = np.isfinite(arr).all(axis=1)
+    negative = finite & (arr[:, 0] < 0)
+    inverted = finite & ~negative & ((arr[:, 3] < arr[:, 1]) | (arr[:, 4] < arr[:, 2]))
+    invalid = ~finite | negative | inverted
+    if invalid.any():
+        for i in np.flatnonzero(invalid).tolist():
+            if not finite[i]:
+                reason = "NaN or infinite value"
+            elif negative[i]:
+                reason = f"negative time {arr[i, 0]}"
+            else:
+                reason = "x2 < x1 or y2 < y1"
+            issues.append((linenos[i], reason))
+        n_malformed += int(np.count_nonzero(invalid))
+    issues.sort(key=lambda item: item[0])
+    problems = [f"{path}:{ln}: {reason}" for ln, reason in issues]
+    valid = np.flatnonzero(~invalid)
+    times = arr[valid, 0]
+    coords = arr[valid, 1:]
+    ids = [ids[i] for i in valid.tolist()] if len(valid) != len(ids) else ids
+    models = [models[i] for i in valid.tolist()] if len(valid) != len(models) else models
+
+    box_t = times
+    raw_boxes = coords
     clipped = raw_boxes.copy()
     np.clip(clipped[:, 0::2], 0.0, float(width), out=clipped[:, 0::2])
     np.clip(clipped[:, 1::2], 0.0, float(height), out=clipped[:, 1::2])

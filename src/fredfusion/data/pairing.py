@@ -19,6 +19,9 @@ from fredfusion.data.fred import SequenceIndex
 __all__ = [
     "BOX_MATCH_S",
     "DEFAULT_FIRST_FRAME_S",
+    "DUAL",
+    "EVENT_ONLY",
+    "RGB_ONLY",
     "PairedImage",
     "PairedSequence",
     "PairingStats",
@@ -56,7 +59,8 @@ def pair_frames(rgb_t: np.ndarray, event_t: np.ndarray, tolerance_s: float) -> t
     Both time arrays must be sorted ascending and on the same clock. The result is the global
     greedy matching: all (rgb, event) edges with ``|dt| <= tolerance_s`` are taken in order of
     increasing ``|dt|`` (ties: lower RGB index, then lower event index) and accepted when both
-    frames are still free. Edges are generated lazily, nearest first, per RGB frame (an RGB frame
+    frames are still free (among event frames with equal time stamps, which one is taken is
+    unspecified). Edges are generated lazily, nearest first, per RGB frame (an RGB frame
     whose nearest event frames are taken tries the next ones outward), so the cost is
     O(n log n) for any tolerance in practice.
 
@@ -301,30 +305,35 @@ def pair_sequence(seq: SequenceIndex, tolerance_ms: float, stride: int = 1) -> P
 
     status_names = (DUAL, RGB_ONLY, EVENT_ONLY)
     rgb_files, ev_files = seq.rgb_files, seq.event_files
+    all_boxes, all_tids, all_models = seq.boxes, seq.track_ids, seq.drone_models
     empty_boxes = np.zeros((0, 4), dtype=np.float32)
     empty_ids = np.zeros(0, dtype=np.int64)
+    keep = slice(None, None, stride)
+    l_times, l_kinds = times[keep].tolist(), kinds[keep].tolist()
+    l_a, l_b, l_g, l_dt = a_idx[keep].tolist(), b_idx[keep].tolist(), group[keep].tolist(), dts[keep].tolist()
+    l_starts, l_counts = starts.tolist(), counts.tolist()
+    seq_id = seq.seq_id
     images: list[PairedImage] = []
-    for k in range(0, len(times), stride):
-        a, b, g = int(a_idx[k]), int(b_idx[k]), int(group[k])
+    append = images.append
+    for n, (t, kind, a, b, g, dt) in enumerate(zip(l_times, l_kinds, l_a, l_b, l_g, l_dt)):
         if g >= 0:
-            s0 = int(starts[g])
-            s1 = s0 + int(counts[g])
-            boxes, tids, models = seq.boxes[s0:s1], seq.track_ids[s0:s1], seq.drone_models[s0:s1]
+            s0 = l_starts[g]
+            s1 = s0 + l_counts[g]
+            boxes, tids, models = all_boxes[s0:s1], all_tids[s0:s1], all_models[s0:s1]
         else:
             boxes, tids, models = empty_boxes, empty_ids, []
-        kind = int(kinds[k])
-        images.append(
+        append(
             PairedImage(
-                sequence_id=seq.seq_id,
-                frame_index=k,
-                time_s=float(times[k]),
-                pair_status=status_names[kind],
-                rgb_file_name=rgb_files[a] if a >= 0 else None,
-                event_file_name=ev_files[b] if b >= 0 else None,
-                time_diff_ms=float(dts[k]) if kind == 0 else None,
-                boxes=boxes,
-                track_ids=tids,
-                drone_models=models,
+                seq_id,
+                n * stride,
+                t,
+                status_names[kind],
+                rgb_files[a] if a >= 0 else None,
+                ev_files[b] if b >= 0 else None,
+                dt if kind == 0 else None,
+                boxes,
+                tids,
+                models,
             )
         )
     return PairedSequence(

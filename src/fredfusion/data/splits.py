@@ -27,20 +27,19 @@ __all__ = [
 SPLIT_NAMES = ("train", "val", "test")
 FRED_IDS = range(0, 231)
 
-CANONICAL_TEST_IDS: frozenset[int] = frozenset(
-    int(i)
-    for i in (
-        "8 9 12 20 21 29 34 39 41 46 51 60 63 64 65 80 83 90 93 110 111 114 115 127 128 129 138 139 "
-        "142 152 153 154 162 163 167 178 179 187 194 195 196 202 210 217 219 223 230"
-    ).split()
+
+def _ids(text: str) -> frozenset[int]:
+    return frozenset(int(i) for i in text.split())
+
+
+CANONICAL_TEST_IDS: frozenset[int] = _ids(
+    "8 9 12 20 21 29 34 39 41 46 51 60 63 64 65 80 83 90 93 110 111 114 115 127 128 129 138 139 "
+    "142 152 153 154 162 163 167 178 179 187 194 195 196 202 210 217 219 223 230"
 )
-CHALLENGING_TEST_IDS: frozenset[int] = frozenset(
-    int(i)
-    for i in (
-        "9 10 17 21 22 23 24 27 28 29 33 34 35 36 68 69 71 76 77 78 79 81 82 83 84 85 86 87 88 89 90 "
-        "97 98 99 100 105 107 108 109 110 111 112 113 114 140 141 142 176 177 178 179 188 189 190 191 "
-        "192 193 194 195"
-    ).split()
+CHALLENGING_TEST_IDS: frozenset[int] = _ids(
+    "9 10 17 21 22 23 24 27 28 29 33 34 35 36 68 69 71 76 77 78 79 81 82 83 84 85 86 87 88 89 90 "
+    "97 98 99 100 105 107 108 109 110 111 112 113 114 140 141 142 176 177 178 179 188 189 190 191 "
+    "192 193 194 195"
 )
 _OFFICIAL = {"canonical": CANONICAL_TEST_IDS, "challenging": CHALLENGING_TEST_IDS}
 FALLBACK_TEST_FRACTION = 0.2
@@ -146,8 +145,9 @@ def plan_splits(
             test_set = _pick(ids, n_test, rng)
             test = [i for i in ids if i in test_set]
             train = [i for i in ids if i not in test_set]
+            what = "every" if any(i in test_ids for i in ids) else "no"
             warnings.append(
-                f"the official {split} test list selects {'no' if not any(i in test_ids for i in ids) else 'every'}"
+                f"the official {split} test list selects {what}"
                 f" sequence of the {len(ids)} found; using a deterministic sequence-level split"
                 f" instead (seed {seed}): test = {test}"
             )

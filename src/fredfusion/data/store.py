@@ -334,9 +334,7 @@ def build_store(
         "format_version": FORMAT_VERSION,
         "width": width,
         "height": height,
-        "shards": [
-            {"sequence_id": seq, "n": len(recs), **_shard_names(seq)} for seq, recs in groups.items()
-        ],
+        "shards": [{"sequence_id": seq, "n": len(recs), **_shard_names(seq)} for seq, recs in groups.items()],
     }
     manifest_path = store_dir / MANIFEST_NAME
     try:
@@ -558,14 +556,23 @@ class FrameStore:
                 ) from None
             if size != expected:
                 raise OSError(f"frame store file {path} has {size} bytes, expected {expected}")
-            mm = np.memmap(path, dtype=np.uint8, mode="r", shape=(self._counts[shard], self.height, self.width, 3))
+            shape = (self._counts[shard], self.height, self.width, 3)
+            mm = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
             self._maps[key] = mm
         return mm
 
     def read(
-        self, ids: Sequence[int] | np.ndarray, modalities: tuple[str, ...] = MODALITIES
+        self,
+        ids: Sequence[int] | np.ndarray,
+        modalities: tuple[str, ...] = MODALITIES,
+        out: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Gather frames: {modality: (B, H, W, 3) uint8}, rows in the order of ``ids``."""
+        """Gather frames: {modality: (B, H, W, 3) uint8}, rows in the order of ``ids``.
+
+        ``out`` may give preallocated (B, H, W, 3) uint8 arrays (e.g. views of pinned or shared
+        buffers) to fill instead of allocating; each frame is copied once, straight from the
+        memmap into its row, shard by shard in file order.
+        """
         for m in modalities:
             if m not in MODALITIES:
                 raise ValueError(f"unknown modality {m!r}; expected one of {MODALITIES}")
@@ -573,14 +580,21 @@ class FrameStore:
         found = self.has(ids)
         if not found.all():
             raise KeyError(f"image id {int(ids[~found][0])} is not in frame store {self.store_dir}")
+        shape = (len(ids), self.height, self.width, 3)
+        result: dict[str, np.ndarray] = {}
+        for m in modalities:
+            buf = None if out is None else out.get(m)
+            if buf is None:
+                buf = np.empty(shape, dtype=np.uint8)
+            elif buf.shape != shape or buf.dtype != np.uint8:
+                raise ValueError(f"out[{m!r}] must be uint8 {shape}, got {buf.dtype} {buf.shape}")
+            result[m] = buf
         pos = np.searchsorted(self._sorted_ids, ids)
         shards = self._sorted_shard[pos]
         rows = self._sorted_row[pos]
-        out = {m: np.empty((len(ids), self.height, self.width, 3), dtype=np.uint8) for m in modalities}
-        for shard in np.unique(shards):
-            where = np.flatnonzero(shards == shard)
-            order = np.argsort(rows[where], kind="stable")
-            where, r = where[order], rows[where][order]
-            for m in modalities:
-                out[m][where] = self._map(int(shard), m)[r]
-        return out
+        order = np.lexsort((rows, shards))
+        for m in modalities:
+            buf = result[m]
+            for k in order.tolist():
+                buf[k] = self._map(int(shards[k]), m)[rows[k]]
+        return result

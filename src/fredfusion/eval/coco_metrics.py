@@ -9,6 +9,7 @@ faster-coco-eval treats id 0 as "unmatched").
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -55,7 +56,7 @@ FRED_SIDE_RANGES: dict[str, tuple[float, float]] = {
     "<16": (0.0, 16.0),
     "16-32": (16.0, 32.0),
     "32-64": (32.0, 64.0),
-    ">=64": (64.0, 1e5),
+    ">=64": (64.0, math.inf),
 }
 
 _MAX_DETS = (1, 10, 100)
@@ -112,7 +113,9 @@ class CocoResult:
             raise ValueError(f"area range {area!r} not evaluated (have {list(self.area_labels)})")
         return self.area_labels.index(area)
 
-    def _select(self, arr: np.ndarray, iou: float | None, area: str, max_dets: int, recall: bool) -> np.ndarray:
+    def _select(
+        self, arr: np.ndarray, iou: float | None, area: str, max_dets: int, recall: bool
+    ) -> np.ndarray:
         a = self._area_index(area)
         if max_dets not in self.max_dets:
             raise ValueError(f"max_dets {max_dets} not evaluated (have {list(self.max_dets)})")
@@ -133,10 +136,13 @@ def _require_coco_dict(gt: Mapping) -> None:
 
 def _xywh(values: object, what: str) -> list[float]:
     try:
-        box = [float(v) for v in values]  # type: ignore[union-attr]
+        x, y, w, h = values  # type: ignore[misc]
+        box = [float(x), float(y), float(w), float(h)]
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what}: bbox must be 4 numbers, got {values!r}") from exc
-    if len(box) != 4 or not all(np.isfinite(box)):
+        raise ValueError(f"{what}: bbox must be 4 numbers [x, y, w, h], got {values!r}") from exc
+    if not (
+        math.isfinite(box[0]) and math.isfinite(box[1]) and math.isfinite(box[2]) and math.isfinite(box[3])
+    ):
         raise ValueError(f"{what}: bbox must be 4 finite numbers, got {values!r}")
     return box
 
@@ -194,7 +200,8 @@ def _copy_detections(detections: Iterable[Mapping], image_ids: set[int]) -> list
             raise ValueError(f"{what} needs image_id, category_id and score: {exc}") from exc
         if iid not in image_ids:
             raise ValueError(f"{what} refers to image_id {iid}, which is not in the ground truth")
-        out.append({"image_id": iid, "category_id": cid, "bbox": _xywh(det.get("bbox"), what), "score": score})
+        box = _xywh(det.get("bbox"), what)
+        out.append({"image_id": iid, "category_id": cid, "bbox": box, "score": score})
     return out
 
 
@@ -256,7 +263,8 @@ class CocoEvaluator:
             ranges = {k: [float(lo), float(hi)] for k, (lo, hi) in area_ranges.items()}
         else:  # squared side; upper bound nudged down so the bins are half-open
             ranges = {
-                k: [float(lo) ** 2, float(np.nextafter(float(hi) ** 2, 0.0))] for k, (lo, hi) in area_ranges.items()
+                k: [float(lo) ** 2, float(np.nextafter(float(hi) ** 2, 0.0))]
+                for k, (lo, hi) in area_ranges.items()
             }
         labels = ("all", *ranges.keys())
         if not ids:
@@ -273,7 +281,9 @@ class CocoEvaluator:
                 ann = self._gt_anns[int(idx)]
                 saved_crowd.append((ann, ann["iscrowd"]))
                 ann["iscrowd"] = 1
-            ev = COCOeval_faster(self._coco_gt, self._coco_dt, iouType="bbox", ranges=ranges, print_function=_QUIET)
+            ev = COCOeval_faster(
+                self._coco_gt, self._coco_dt, iouType="bbox", ranges=ranges, print_function=_QUIET
+            )
             ev.params.imgIds = ids
             ev.params.maxDets = list(_MAX_DETS)
             ev.evaluate()
@@ -483,8 +493,8 @@ def pr_curve(matches: Matches) -> dict[str, np.ndarray]:
 def f1_optimal(matches: Matches) -> dict[str, float]:
     """The confidence threshold with the best F1 (ties: the lowest such threshold).
 
-    Returns conf, f1, precision, recall, tp, fp, fn. With no detection or no gt, conf is 1.0
-    and f1 is 0.
+    Returns conf, f1, precision, recall, tp, fp, fn. When no detection is a true positive (F1 0
+    everywhere) conf is the highest score; with no detection or no gt, conf is 1.0 and f1 0.
     """
     c = pr_curve(matches)
     n_gt = matches.num_gt
@@ -494,7 +504,7 @@ def f1_optimal(matches: Matches) -> dict[str, float]:
     # a threshold keeps every detection with score >= it: only the last of equal scores counts
     last = np.append(c["scores"][1:] != c["scores"][:-1], True)
     f1 = np.where(last, c["f1"], -1.0)
-    best = int(np.flatnonzero(f1 == f1.max())[-1])
+    best = int(np.flatnonzero(f1 == f1.max())[-1]) if f1.max() > 0 else int(np.flatnonzero(last)[0])
     tp, fp = int(c["tp"][best]), int(c["fp"][best])
     return {
         "conf": float(c["scores"][best]),

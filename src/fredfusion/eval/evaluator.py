@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fredfusion.eval.coco_metrics import coco_map
+from fredfusion.eval.coco_metrics import CocoResult, coco_map
 
-__all__ = ["EvalResult", "evaluate", "restrict_gt"]
+__all__ = ["EvalResult", "evaluate", "predict_frames", "restrict_gt"]
 
 
 @dataclass
@@ -23,12 +23,13 @@ class EvalResult:
     ``metrics`` holds the COCO numbers (mAP50_95, mAP50, mAP75, APs, APm, APl, AR1, AR10, AR100,
     ARs, ARm, ARl; None when mAP was not computed) plus ``images``, ``pairs_per_s`` (inference +
     NMS only), ``infer_s``, ``wait_s`` (time waiting for the loader), ``metrics_s`` and
-    ``val_loss`` (None when not computed).
+    ``val_loss`` (None when not computed). ``coco`` keeps the full COCO result (precision array).
     """
 
     metrics: dict[str, Any]
     detections: list[dict] = field(default_factory=list)
     gt: dict = field(default_factory=dict)
+    coco: CocoResult | None = None
 
 
 def _components() -> tuple[Any, Callable, Callable, Callable]:
@@ -60,11 +61,16 @@ def _model_inputs(modality: str, rgb: torch.Tensor | None, event: torch.Tensor |
         return rgb, None
     if modality == "event":
         if event is None:
-            raise ValueError("an Event model needs event frames: load the dataset with modality 'event' or 'dual'")
+            raise ValueError(
+                "an Event model needs event frames: load the dataset with modality 'event' or 'dual'"
+            )
         return None, event
     if modality == "dual":
         if rgb is None or event is None:
-            raise ValueError("a dual model needs RGB and event frames of the same pair: load the dataset with modality 'dual'")
+            raise ValueError(
+                "a dual model needs RGB and event frames of the same pair: "
+                "load the dataset with modality 'dual'"
+            )
         return rgb, event
     raise ValueError(f"model.modality must be 'rgb', 'event' or 'dual', got {modality!r}")
 
@@ -121,6 +127,7 @@ def evaluate(
     infer_s = wait_s = 0.0
     loss_sum: torch.Tensor | None = None
     n_done = 0
+    bar = None
     try:
         if n_total > 0:
             loader = BatchLoader(
@@ -134,13 +141,12 @@ def evaluate(
                 device=device,
                 max_batches=math.ceil(n_total / batch_size),
             )
-            iterator: Any = loader
             if progress:
                 from tqdm import tqdm
 
-                iterator = tqdm(loader, total=math.ceil(n_total / batch_size), desc="eval", unit="batch")
+                bar = tqdm(total=n_total, desc="eval", unit="img")
             tick = time.perf_counter()
-            for batch in iterator:
+            for batch in loader:
                 wait_s += time.perf_counter() - tick
                 keep = min(len(batch.ids), n_total - n_done)
                 if keep <= 0:
@@ -158,7 +164,8 @@ def evaluate(
                 rgb_f, event_f, targets_lb, (pad_x, pad_y), lb_scale = letterbox_batch(
                     rgb, event, tuple(input_hw), targets if loss_fn is not None else None
                 )
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                amp = amp_dtype is not None
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp):
                     preds = model(rgb_f, event_f)
                 preds = [p.float() for p in preds]
                 out = non_max_suppression(decode(preds, model.anchors, model.strides), conf, iou, max_det)
@@ -173,11 +180,15 @@ def evaluate(
                     loss_sum = term if loss_sum is None else loss_sum + term
                 seen_ids.append(ids)
                 n_done += keep
+                if bar is not None:
+                    bar.update(keep)
                 if n_done >= n_total:
                     break
                 tick = time.perf_counter()
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
 
     all_ids = np.concatenate(seen_ids) if seen_ids else np.zeros(0, dtype=np.int64)
     gt = restrict_gt(dataset.coco, all_ids)
@@ -189,12 +200,55 @@ def evaluate(
         "val_loss": float(loss_sum.item()) / n_done if loss_sum is not None and n_done else None,
     }
     t0 = time.perf_counter()
+    coco = None
     if compute_map:
-        metrics.update(coco_map(gt, detections).stats)
+        coco = coco_map(gt, detections)
+        metrics.update(coco.stats)
     else:
         metrics.update({"mAP50_95": None, "mAP50": None})
     metrics["metrics_s"] = time.perf_counter() - t0
-    return EvalResult(metrics=metrics, detections=detections, gt=gt)
+    return EvalResult(metrics=metrics, detections=detections, gt=gt, coco=coco)
+
+
+@torch.no_grad()
+def predict_frames(
+    model: torch.nn.Module,
+    rgb: np.ndarray | torch.Tensor | None,
+    event: np.ndarray | torch.Tensor | None,
+    input_hw: tuple[int, int],
+    device: str | torch.device = "cpu",
+    conf: float = 0.25,
+    iou: float = 0.6,
+    max_det: int = 300,
+) -> list[np.ndarray]:
+    """Detections ``(n, 6)`` [x1, y1, x2, y2, score, class] in frame pixels for frames ``(B, H, W, 3)`` uint8.
+
+    Letterboxes into ``input_hw``, runs the model in eval mode (restoring its mode) and maps boxes
+    back to the frames. Pass None for a modality the model does not use.
+    """
+    _, letterbox_batch, decode, non_max_suppression = _components()
+    device = torch.device(device)
+
+    def to_dev(x: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        t = torch.as_tensor(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+        return t.to(device).permute(0, 3, 1, 2).contiguous()
+
+    r, e = _model_inputs(str(getattr(model, "modality", "dual")), to_dev(rgb), to_dev(event))
+    ref = r if r is not None else e
+    h, w = int(ref.shape[2]), int(ref.shape[3])
+    was_training = model.training
+    model.eval()
+    try:
+        rgb_f, event_f, _, (pad_x, pad_y), lb_scale = letterbox_batch(r, e, tuple(input_hw), None)
+        preds = [p.float() for p in model(rgb_f, event_f)]
+        out = non_max_suppression(decode(preds, model.anchors, model.strides), conf, iou, max_det)
+    finally:
+        model.train(was_training)
+    packed = _pack(out, _num(pad_x), _num(pad_y), _num(lb_scale), w, h).cpu().numpy()
+    idx = packed[:, 0].astype(np.int64)
+    return [packed[idx == k, 1:7] for k in range(int(ref.shape[0]))]
 
 
 def _pack(
@@ -229,5 +283,6 @@ def _to_coco(packed: np.ndarray, ids: np.ndarray) -> list[dict]:
     scores = np.round(packed[ok, 5].astype(np.float64), 5).tolist()
     cats = (packed[ok, 6].astype(np.int64) + 1).tolist()
     return [
-        {"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in zip(img, cats, boxes, scores)
+        {"image_id": i, "category_id": c, "bbox": b, "score": s}
+        for i, c, b, s in zip(img, cats, boxes, scores)
     ]

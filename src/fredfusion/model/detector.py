@@ -3,7 +3,8 @@
 Module names (they define the state-dict keys, which the weight mapping relies on):
 
 - ``modality="rgb"`` / ``"event"``: ``backbone`` (3 input channels), ``neck``, ``head``.
-- ``modality="dual"``, ``fusion="early"``: ``backbone`` (6 input channels: RGB then Event), ``neck``, ``head``.
+- ``modality="dual"``, ``fusion="early"``: ``backbone`` (6 input channels: RGB then Event),
+  ``neck``, ``head``.
 - ``modality="dual"``, ``fusion="concat"`` / ``"attention"``: ``backbone_rgb``, ``backbone_event``,
   ``fusion_p3``, ``fusion_p4``, ``fusion_p5``, ``neck``, ``head``.
 
@@ -157,12 +158,16 @@ class FusionYOLO(nn.Module):
     def _check_input(self, x: torch.Tensor | None, name: str) -> torch.Tensor:
         if x is None:
             raise ValueError(f"modality {self.modality!r} needs the {name} input, got None")
+        if torch.jit.is_tracing():  # shapes are fixed by the example inputs of an export
+            return x
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"{name} input must have shape (B, 3, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{name} input must be a float tensor in [0, 1], got {x.dtype}")
         if x.shape[2] % 32 != 0 or x.shape[3] % 32 != 0:
-            raise ValueError(f"{name} input height and width must be multiples of 32, got {tuple(x.shape[2:])}")
+            raise ValueError(
+                f"{name} input height and width must be multiples of 32, got {tuple(x.shape[2:])}"
+            )
         return x
 
     def forward(self, rgb: torch.Tensor | None, event: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -174,8 +179,10 @@ class FusionYOLO(nn.Module):
         else:
             r = self._check_input(rgb, "rgb")
             e = self._check_input(event, "event")
-            if r.shape != e.shape:
-                raise ValueError(f"rgb and event inputs differ in shape: {tuple(r.shape)} vs {tuple(e.shape)}")
+            if not torch.jit.is_tracing() and r.shape != e.shape:
+                raise ValueError(
+                    f"rgb and event inputs differ in shape: {tuple(r.shape)} vs {tuple(e.shape)}"
+                )
             if self.dual_backbones:
                 fr = self.backbone_rgb(r)
                 fe = self.backbone_event(e)
@@ -202,7 +209,7 @@ class FusionYOLO(nn.Module):
             self.anchors.copy_(a.to(device=self.anchors.device, dtype=self.anchors.dtype))
 
     def load_rgb_weights(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-        """Initialise from another FusionYOLO's state dict; returns ``(tensors loaded, tensors in this model)``.
+        """Initialise from another FusionYOLO's state dict; returns ``(loaded, tensors in this model)``.
 
         Every tensor whose name and shape match is copied (neck, head, anchors, fusion blocks, same-named
         backbones). A backbone tensor without a same-named, same-shaped source is taken from the source's

@@ -156,8 +156,9 @@ class YoloLoss:
             & (t[:, 4] > t[:, 2])
             & (t[:, 5] > t[:, 3])
         )
-        img = img_f.nan_to_num(0).long().clamp(0, batch_size - 1)
-        cls = cls_f.nan_to_num(0).long().clamp(0, self.num_classes - 1)
+        t = t.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # rows that are not ok only need to be finite
+        img = t[:, 0].clamp(0, batch_size - 1).long()
+        cls = t[:, 1].clamp(0, self.num_classes - 1).long()
         shape = (m, na, no)
         img_k = img[:, None, None].expand(shape).reshape(-1)
         cls_k = cls[:, None, None].expand(shape).reshape(-1)
@@ -238,7 +239,7 @@ class YoloLoss:
             ny, nx = p.shape[2], p.shape[3]
             flat_p = p.reshape(-1, p.shape[-1])
             idx = ((lt.img * na + lt.anchor) * ny + lt.gy) * nx + lt.gx
-            ps = flat_p[idx]  # (K, no)
+            ps = flat_p.index_select(0, idx)  # (K, no)
             w = lt.valid.float()
             n = w.sum().clamp(min=1.0)
             pxy = ps[:, :2].sigmoid() * 2.0 - 0.5

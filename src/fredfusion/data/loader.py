@@ -1,0 +1,272 @@
+"""Batch loader: epoch permutation -> whole-batch gathers (worker processes) -> pinned -> device.
+
+Each DataLoader item is a whole batch read from the store with one gather, so the workers do
+no per-image Python work beyond building the target rows. The sampler yields (epoch, index)
+keys and the workers derive the epoch's permutation from (seed, epoch) themselves, which keeps
+persistent workers correct across ``set_epoch`` calls.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from fredfusion.data.dataset import PreparedDataset, _modalities_of
+
+
+@dataclass
+class DeviceBatch:
+    """A batch on the device. Images are (B, 3, H, W) uint8 views with channels-last strides."""
+
+    ids: torch.Tensor
+    rgb: torch.Tensor | None
+    event: torch.Tensor | None
+    targets: torch.Tensor
+    wait_s: float
+
+
+def rank_indices(
+    n: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    batch_size: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+) -> np.ndarray:
+    """Positions (into the dataset) this rank visits in ``epoch``, in visiting order.
+
+    All ranks share one permutation drawn from (seed, epoch). drop_last: the permutation is cut
+    to a multiple of batch_size * world_size and ranks take disjoint interleaved slices. Else the
+    permutation is padded by wrapping around to a multiple of world_size (as DistributedSampler
+    does), so ranks get equally many items; with world_size 1 there is no padding.
+    """
+    if shuffle:
+        perm = np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(n)
+    else:
+        perm = np.arange(n, dtype=np.int64)
+    if drop_last:
+        per_rank = (n // (batch_size * world_size)) * batch_size
+        perm = perm[: per_rank * world_size]
+    else:
+        per_rank = math.ceil(n / world_size) if n else 0
+        pad = per_rank * world_size - n
+        if pad:
+            perm = np.concatenate([perm, np.resize(perm, pad)])
+    return perm[rank::world_size].astype(np.int64)
+
+
+class _EpochSampler(Sampler):
+    """Yields (epoch, batch_index) keys for the current epoch."""
+
+    def __init__(self, num_batches: int) -> None:
+        self.epoch = 0
+        self.num_batches = num_batches
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return iter([(epoch, i) for i in range(self.num_batches)])
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+class _BatchSource(Dataset):
+    """Map-style dataset whose items are whole batches, keyed by (epoch, batch_index)."""
+
+    def __init__(self, loader: BatchLoader) -> None:
+        self.dataset = loader.dataset
+        self.modalities = _modalities_of(loader.dataset.modality)
+        self.batch_size = loader.batch_size
+        self.pin = loader.device.type == "cuda"
+        self.params = dict(
+            seed=loader.seed,
+            shuffle=loader.shuffle,
+            drop_last=loader.drop_last,
+            batch_size=loader.batch_size,
+            rank=loader.rank,
+            world_size=loader.world_size,
+        )
+        self._epoch: int | None = None
+        self._order: np.ndarray = np.zeros(0, np.int64)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        if self._epoch != epoch:
+            self._order = rank_indices(len(self.dataset), epoch=epoch, **self.params)
+            self._epoch = epoch
+        pos = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        ids = self.dataset.ids[pos]
+        h, w = self.dataset.store_hw
+        frames = {m: _host_buffer((len(ids), h, w, 3), self.pin) for m in self.modalities}
+        fb = self.dataset.load(ids, self.modalities, out={m: t.numpy() for m, t in frames.items()})
+        counts = [len(b) for b in fb.boxes]
+        targets = np.zeros((sum(counts), 6), dtype=np.float32)
+        if targets.shape[0]:
+            targets[:, 0] = np.repeat(np.arange(len(ids), dtype=np.float32), counts)
+            targets[:, 2:] = np.concatenate(fb.boxes)
+        item: dict[str, Any] = {"ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets)}
+        item.update(frames)
+        return item
+
+
+def _host_buffer(shape: tuple[int, ...], pin: bool) -> torch.Tensor:
+    """uint8 host tensor the store reads into: in shared memory inside a DataLoader worker (so
+    handing it to the main process copies nothing), pinned in the main process when batches go
+    to CUDA (so pin_memory copies nothing), plain otherwise."""
+    nbytes = math.prod(shape)
+    if get_worker_info() is not None:
+        try:
+            storage = torch.UntypedStorage._new_shared(nbytes)
+        except (AttributeError, RuntimeError):
+            return torch.empty(shape, dtype=torch.uint8).share_memory_()
+        return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    return torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+class BatchLoader:
+    """Iterate a PreparedDataset as DeviceBatch objects (see module docstring).
+
+    Call ``set_epoch`` before each epoch: the order is a function of (seed, epoch) only.
+    With world_size > 1 each rank sees a disjoint part of the epoch's permutation and all ranks
+    get the same number of batches. On CUDA the host-to-device copy runs on a side stream one
+    batch ahead. Nothing here synchronizes the host with the device.
+    """
+
+    def __init__(
+        self,
+        dataset: PreparedDataset,
+        batch_size: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        persistent_workers: bool = False,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        max_batches: int | None = None,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.device = torch.device(device)
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.max_batches = max_batches
+        self.epoch = 0
+        self._sampler = _EpochSampler(len(self))
+        self._loader: DataLoader | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose (seed, epoch) permutation the next iteration uses."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+        self._sampler.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        if self.drop_last:
+            per_rank = (n // (self.batch_size * self.world_size)) * self.batch_size
+            batches = per_rank // self.batch_size
+        else:
+            per_rank = math.ceil(n / self.world_size) if n else 0
+            batches = math.ceil(per_rank / self.batch_size)
+        return batches if self.max_batches is None else min(batches, max(self.max_batches, 0))
+
+    def _data_loader(self) -> DataLoader:
+        if self._loader is None:
+            extra: dict[str, Any] = {}
+            if self.num_workers > 0:
+                extra = {
+                    "prefetch_factor": self.prefetch_factor,
+                    "persistent_workers": self.persistent_workers,
+                }
+            pin = self.device.type == "cuda"
+            self._loader = DataLoader(
+                _BatchSource(self),
+                batch_size=None,
+                sampler=self._sampler,
+                num_workers=self.num_workers,
+                collate_fn=_identity,
+                pin_memory=pin,
+                **extra,
+            )
+        return self._loader
+
+    def __iter__(self) -> Iterator[DeviceBatch]:
+        it = iter(self._data_loader())
+        if self.device.type == "cuda":
+            yield from self._iter_cuda(it)
+            return
+        while True:
+            t0 = time.perf_counter()
+            item = next(it, None)
+            wait_s = time.perf_counter() - t0
+            if item is None:
+                return
+            yield self._to_batch(item, wait_s)
+
+    def _to_batch(self, item: dict[str, Any], wait_s: float) -> DeviceBatch:
+        def nchw(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.permute(0, 3, 1, 2)
+
+        return DeviceBatch(
+            ids=item["ids"],
+            rgb=nchw(item.get("rgb")),
+            event=nchw(item.get("event")),
+            targets=item["targets"],
+            wait_s=wait_s,
+        )
+
+    def _iter_cuda(self, it: Iterator[dict[str, Any]]) -> Iterator[DeviceBatch]:
+        device = self.device
+        stream = torch.cuda.Stream(device)
+
+        def fetch() -> tuple[dict[str, Any], float] | None:
+            t0 = time.perf_counter()
+            item = next(it, None)
+            wait_s = time.perf_counter() - t0
+            if item is None:
+                return None
+            with torch.cuda.stream(stream):
+                moved = {k: (v if k == "ids" else v.to(device, non_blocking=True)) for k, v in item.items()}
+            return moved, wait_s
+
+        nxt = fetch()
+        while nxt is not None:
+            cur, wait_s = nxt
+            main = torch.cuda.current_stream(device)
+            main.wait_stream(stream)
+            for k, v in cur.items():
+                if k != "ids":
+                    v.record_stream(main)
+            nxt = fetch()  # issue the next copy before handing out this batch
+            yield self._to_batch(cur, wait_s)
