@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from fredfusion.seed_compat import main  # noqa: E402
+from fredfusion.seed_compat import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

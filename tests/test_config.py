@@ -47,8 +47,22 @@ def test_cli_flags_override_file_and_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("modality: rgb\nUnfreeze_batch_size: 4\n")
     args = build_parser().parse_args(
-        ["train", "--config", str(path), "--Unfreeze_batch_size", "6", "--no_eval_map", "--fp16", "false",
-         "--quick_test", "--input_shape", "192", "320", "--phi", "n"]
+        [
+            "train",
+            "--config",
+            str(path),
+            "--Unfreeze_batch_size",
+            "6",
+            "--no_eval_map",
+            "--fp16",
+            "false",
+            "--quick_test",
+            "--input_shape",
+            "192",
+            "320",
+            "--phi",
+            "n",
+        ]
     )
     cfg = config_from_args(args)
     assert (cfg.modality, cfg.unfreeze_batch_size, cfg.no_eval_map, cfg.fp16) == ("rgb", 6, True, False)

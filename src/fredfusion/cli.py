@@ -29,8 +29,12 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--height", type=int, default=720)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=("flat", "official"), default="flat",
-                   help="flat: <id>/ side by side; official: train/<id>/ and test/<id>/ with real FRED ids")
+    p.add_argument(
+        "--layout",
+        choices=("flat", "official"),
+        default="flat",
+        help="flat: <id>/ side by side; official: train/<id>/ and test/<id>/ with real FRED ids",
+    )
     p.set_defaults(func=run_synth)
 
 
@@ -38,9 +42,19 @@ def run_synth(args: argparse.Namespace) -> int:
     from fredfusion.data.synth import write_sample
 
     t0 = time.perf_counter()
-    info = write_sample(args.out, sequences=args.sequences, frames=args.frames, width=args.width,
-                        height=args.height, seed=args.seed, layout=args.layout, progress=True)
-    print(f"synth: wrote {len(info.sequence_ids)} sequences to {args.out} in {time.perf_counter() - t0:.1f} s")
+    info = write_sample(
+        args.out,
+        sequences=args.sequences,
+        frames=args.frames,
+        width=args.width,
+        height=args.height,
+        seed=args.seed,
+        layout=args.layout,
+        progress=True,
+    )
+    print(
+        f"synth: wrote {len(info.sequence_ids)} sequences to {args.out} in {time.perf_counter() - t0:.1f} s"
+    )
     for seq_id, scenario in zip(info.sequence_ids, info.scenarios):
         print(f"  sequence {seq_id}: {scenario}")
     return 0
@@ -65,8 +79,17 @@ def run_prepare(args: argparse.Namespace) -> int:
     from fredfusion.data.prepare import prepare
 
     root = args.fred_root or Path(default_fred_root())
-    prepare(root, args.out, split=args.split, stride=args.stride, tolerance_ms=args.tolerance_ms,
-            imgsz=args.imgsz, workers=args.workers, val_fraction=args.val_fraction, seed=args.seed)
+    prepare(
+        root,
+        args.out,
+        split=args.split,
+        stride=args.stride,
+        tolerance_ms=args.tolerance_ms,
+        imgsz=args.imgsz,
+        workers=args.workers,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+    )
     return 0
 
 
@@ -102,16 +125,30 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         else:
             kwargs.update(type=_flag_type(name))
         p.add_argument(*spellings, **kwargs)
-    p.add_argument("--no_eval_map", "--no-eval-map", dest="no_eval_map", action="store_const", const=True,
-                   default=argparse.SUPPRESS, help="skip mAP evaluation (best by val loss)")
-    p.add_argument("--no_fp16", "--no-fp16", dest="fp16", action="store_const", const=False,
-                   default=argparse.SUPPRESS, help="full precision")
-    p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=argparse.SUPPRESS,
-                   help="batch size of both phases")
-    p.add_argument("--imgsz", dest="imgsz", type=int, default=argparse.SUPPRESS,
-                   help="input width; height = 16:9 rounded to 32")
-    p.add_argument("--epochs", dest="unfreeze_epoch", type=int, default=argparse.SUPPRESS,
-                   help="total epochs (= UnFreeze_Epoch)")
+    p.add_argument(
+        "--no_fp16",
+        "--no-fp16",
+        dest="fp16",
+        action="store_const",
+        const=False,
+        default=argparse.SUPPRESS,
+        help="full precision",
+    )
+    p.add_argument(
+        "--batch_size",
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="batch size of both phases",
+    )
+    p.add_argument(
+        "--imgsz",
+        dest="imgsz",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="input width; height = 16:9 rounded to 32",
+    )
 
 
 def dataclasses_missing() -> Any:
@@ -139,8 +176,10 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     summary = Trainer(cfg).fit()
     if summary.get("mAP50") is not None:
-        print(f"final: mAP50 {summary['mAP50']:.4f}  mAP50:95 {summary['mAP50_95']:.4f}  "
-              f"(best epoch {summary['best_epoch']}, run {summary['run_dir']})")
+        print(
+            f"final: mAP50 {summary['mAP50']:.4f}  mAP50:95 {summary['mAP50_95']:.4f}  "
+            f"(best epoch {summary['best_epoch']}, run {summary['run_dir']})"
+        )
     return 0
 
 
@@ -157,7 +196,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-shape", type=int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--device", default="")
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="report folder (default: runs/eval/<checkpoint name>)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="report folder (default: runs/eval/<checkpoint name>)"
+    )
     p.set_defaults(func=run_eval)
 
 
@@ -167,15 +208,26 @@ def run_eval(args: argparse.Namespace) -> int:
     weights = list(args.weights or []) + list(args.compare or [])
     if not weights:
         raise ConfigError("eval: give --weights W (or --compare W1 W2 ...)")
-    evaluate_checkpoints(weights, data=args.data, split=args.split, batch=args.batch, conf=args.conf,
-                         iou=args.iou, input_hw=tuple(args.input_shape) if args.input_shape else None,
-                         device=args.device, workers=args.workers, out=args.out)
+    evaluate_checkpoints(
+        weights,
+        data=args.data,
+        split=args.split,
+        batch=args.batch,
+        conf=args.conf,
+        iou=args.iou,
+        input_hw=tuple(args.input_shape) if args.input_shape else None,
+        device=args.device,
+        workers=args.workers,
+        out=args.out,
+    )
     return 0
 
 
 # ----------------------------------------------------------------------------------------------- demo
 def add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole job on the built-in synthetic sample: synth, prepare, train, eval")
+    p = sub.add_parser(
+        "demo", help="the whole job on the built-in synthetic sample: synth, prepare, train, eval"
+    )
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--sequences", type=int, default=10)
     p.add_argument("--frames", type=int, default=60)
@@ -189,8 +241,15 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from fredfusion.demo import run_demo as demo
 
-    demo(out=args.out, sequences=args.sequences, frames=args.frames, epochs=args.epochs,
-         modality=args.modality, model=args.model, device=args.device)
+    demo(
+        out=args.out,
+        sequences=args.sequences,
+        frames=args.frames,
+        epochs=args.epochs,
+        modality=args.modality,
+        model=args.model,
+        device=args.device,
+    )
     return 0
 
 

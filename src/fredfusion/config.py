@@ -218,7 +218,7 @@ def _special(key: str, value: Any, current: dict[str, Any]) -> dict[str, Any]:
         return {"no_eval_map": not parse_bool(value)}
     if key == "imgsz":
         width = _coerce("nominal_batch", value)
-        return {"input_shape": [int(round(width * 9 / 16 / 32)) * 32, width]}
+        return {"input_shape": [round(width * 9 / 16 / 32) * 32, width]}
     if key == "Min_lr":
         return {"min_lr_ratio": float(value) / float(current["init_lr"])}
     if key == "batch_size":

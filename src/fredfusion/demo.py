@@ -10,9 +10,17 @@ import torch
 from fredfusion.config import load_config
 
 
-def run_demo(out: Path = Path("runs/demo"), sequences: int = 10, frames: int = 60, epochs: int | None = None,
-             modality: str = "dual", model: str = "n", device: str = "", imgsz: int | None = None,
-             seed: int = 0) -> dict:
+def run_demo(
+    out: Path = Path("runs/demo"),
+    sequences: int = 10,
+    frames: int = 60,
+    epochs: int | None = None,
+    modality: str = "dual",
+    model: str = "n",
+    device: str = "",
+    imgsz: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Run synth -> prepare -> train -> eval under `out`; returns the test-split metrics."""
     from fredfusion.data.prepare import prepare
     from fredfusion.data.synth import write_sample
@@ -30,20 +38,37 @@ def run_demo(out: Path = Path("runs/demo"), sequences: int = 10, frames: int = 6
     print(f"[2/4] prepare -> {out / 'prepared'}")
     prepared = out / "prepared"
     prepare(fred_root, prepared, split="canonical", imgsz=imgsz, workers=2, seed=seed, progress=False)
-    height = int(round(imgsz * 9 / 16 / 32)) * 32
-    cfg = load_config(overrides={
-        "data": str(prepared), "modality": modality, "model": model, "input_shape": [height, imgsz],
-        "freeze_train": False, "unfreeze_epoch": epochs, "unfreeze_batch_size": 16 if not gpu else 32,
-        "warmup_epochs": 1, "eval_period": max(epochs // 3, 1), "save_dir": str(out / "runs"), "name": modality,
-        "num_workers": 0 if not gpu else 4, "persistent_workers": False, "device": device, "seed": seed,
-        "mixup_prob": 0.2, "save_period": 0,
-    })
+    height = round(imgsz * 9 / 16 / 32) * 32
+    cfg = load_config(
+        overrides={
+            "data": str(prepared),
+            "modality": modality,
+            "model": model,
+            "input_shape": [height, imgsz],
+            "freeze_train": False,
+            "unfreeze_epoch": epochs,
+            "unfreeze_batch_size": 16 if not gpu else 32,
+            "warmup_epochs": 1,
+            "eval_period": max(epochs // 3, 1),
+            "save_dir": str(out / "runs"),
+            "name": modality,
+            "num_workers": 0 if not gpu else 4,
+            "persistent_workers": False,
+            "device": device,
+            "seed": seed,
+            "mixup_prob": 0.2,
+            "save_period": 0,
+        }
+    )
     print(f"[3/4] train: {modality} YOLO-{model}, {epochs} epochs at {imgsz}x{height}")
     Trainer(cfg).fit()
     print("[4/4] eval on the test split")
-    results = evaluate_checkpoints([cfg.run_dir() / "best.pth"], data=prepared, split="test", batch=32,
-                                   device=device, out=out / "eval")
+    results = evaluate_checkpoints(
+        [cfg.run_dir() / "best.pth"], data=prepared, split="test", batch=32, device=device, out=out / "eval"
+    )
     metrics = next(iter(results.values())).metrics
-    print(f"demo done in {time.perf_counter() - t0:.0f} s: test mAP50 {metrics['mAP50']:.4f}  "
-          f"mAP50:95 {metrics['mAP50_95']:.4f}")
+    print(
+        f"demo done in {time.perf_counter() - t0:.0f} s: test mAP50 {metrics['mAP50']:.4f}  "
+        f"mAP50:95 {metrics['mAP50_95']:.4f}"
+    )
     return metrics

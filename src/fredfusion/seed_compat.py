@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     """Prepare $FRED_ROOT into datasets/fred_coco when needed, then train with logs under logs/fred_*."""
     parser = argparse.ArgumentParser(description="Train an RGB / Event / dual fusion drone detector on FRED.")
     add_train_flags(parser)
-    parser.add_argument("--fred_root", "--fred-root", default=None, help="default: $FRED_ROOT or /mnt/data/datasets/fred")
+    parser.add_argument(
+        "--fred_root", "--fred-root", default=None, help="default: $FRED_ROOT or /mnt/data/datasets/fred"
+    )
     args = parser.parse_args(argv)
     fred_root = Path(args.fred_root or default_fred_root())
     del args.fred_root

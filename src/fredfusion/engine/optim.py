@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
     """SGD (nesterov) or AdamW with weight decay on conv/linear weights only (not on BN or biases)."""
     decay, no_decay, biases = [], [], []
     for module in model.modules():

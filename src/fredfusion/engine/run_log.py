@@ -9,8 +9,19 @@ from typing import Any
 
 import numpy as np
 
-CSV_COLUMNS = ("epoch", "train_loss", "box_loss", "obj_loss", "cls_loss", "val_loss", "mAP50", "mAP50_95", "lr",
-               "pairs_per_s", "data_wait")
+CSV_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "box_loss",
+    "obj_loss",
+    "cls_loss",
+    "val_loss",
+    "mAP50",
+    "mAP50_95",
+    "lr",
+    "pairs_per_s",
+    "data_wait",
+)
 
 
 class RunLog:

@@ -51,8 +51,11 @@ class Distributed:
 
     @classmethod
     def from_env(cls) -> Distributed:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+        return cls(
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
 
 
 def pick_device(requested: str, dist: Distributed) -> torch.device:
@@ -105,16 +108,27 @@ class Trainer:
             raise SystemExit(f"{cfg.data}: the train split has no usable images for modality {cfg.modality}")
         self.val_set = None
         try:
-            val = PreparedDataset(Path(cfg.data), "val", modality=cfg.modality, pairs="dual",
-                                  max_images=100 if cfg.quick_test else None)
+            val = PreparedDataset(
+                Path(cfg.data),
+                "val",
+                modality=cfg.modality,
+                pairs="dual",
+                max_images=100 if cfg.quick_test else None,
+            )
             self.val_set = val if len(val) else None
         except FileNotFoundError:
             self.val_set = None
         summary = self.train_set.pairing_summary()
-        self.checks["data"] = f"{len(self.train_set)} train / {len(self.val_set or [])} val images in {cfg.data}"
-        self.checks["dual_rate"] = f"{summary['dual']}/{summary['images']} ({100 * summary['dual_rate']:.1f}%)"
-        self.log(f"data: {self.checks['data']}; train dual_rate {self.checks['dual_rate']}, "
-                 f"avg_tdiff {summary['avg_tdiff_ms']:.2f} ms")
+        self.checks["data"] = (
+            f"{len(self.train_set)} train / {len(self.val_set or [])} val images in {cfg.data}"
+        )
+        self.checks["dual_rate"] = (
+            f"{summary['dual']}/{summary['images']} ({100 * summary['dual_rate']:.1f}%)"
+        )
+        self.log(
+            f"data: {self.checks['data']}; train dual_rate {self.checks['dual_rate']}, "
+            f"avg_tdiff {summary['avg_tdiff_ms']:.2f} ms"
+        )
         if self.val_set is None:
             self.log("no val images: evaluation is skipped; best checkpoint by training loss")
         status = {int(im["id"]): im for im in self.train_set.images}
@@ -127,7 +141,9 @@ class Trainer:
         from fredfusion.model.anchors import anchor_recall, default_anchors, kmeans_anchors
 
         scale = self.input_hw[1] / self.train_set.store_hw[1]
-        wh = [b[:, 2:4] - b[:, 0:2] for b in (self.train_set.boxes_for(i) for i in self.train_set.ids) if len(b)]
+        wh = [
+            b[:, 2:4] - b[:, 0:2] for b in (self.train_set.boxes_for(i) for i in self.train_set.ids) if len(b)
+        ]
         if not wh:
             self.log("autoanchor: no train boxes; default anchors kept")
             return None
@@ -148,9 +164,11 @@ class Trainer:
         cfg = self.cfg
         model = build_model(cfg.modality, cfg.model, cfg.fusion, num_classes=1, anchors=self._anchors())
         info = model_info(model, self.input_hw)
-        self.log(f"model: {cfg.modality} YOLO-{cfg.model} fusion={cfg.fusion if cfg.modality == 'dual' else '-'} "
-                 f"params {info['params'] / 1e6:.2f}M, {info['gflops']:.1f} GFLOPs at "
-                 f"{self.input_hw[1]}x{self.input_hw[0]}")
+        self.log(
+            f"model: {cfg.modality} YOLO-{cfg.model} fusion={cfg.fusion if cfg.modality == 'dual' else '-'} "
+            f"params {info['params'] / 1e6:.2f}M, {info['gflops']:.1f} GFLOPs at "
+            f"{self.input_hw[1]}x{self.input_hw[0]}"
+        )
         self.checks["weights"] = self._load_init_weights(model)
         return model
 
@@ -199,10 +217,20 @@ class Trainer:
 
     def _loader(self, dataset: PreparedDataset, batch: int, epoch_batches: int | None) -> BatchLoader:
         cfg = self.cfg
-        return BatchLoader(dataset, batch_size=batch, shuffle=True, drop_last=len(dataset) >= batch,
-                           num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
-                           persistent_workers=cfg.persistent_workers, device=self.device, seed=cfg.seed,
-                           rank=self.dist.rank, world_size=self.dist.world_size, max_batches=epoch_batches)
+        return BatchLoader(
+            dataset,
+            batch_size=batch,
+            shuffle=True,
+            drop_last=len(dataset) >= batch,
+            num_workers=cfg.num_workers,
+            prefetch_factor=cfg.prefetch_factor,
+            persistent_workers=cfg.persistent_workers,
+            device=self.device,
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            max_batches=epoch_batches,
+        )
 
     # ----------------------------------------------------------------- main
     def fit(self) -> dict[str, Any]:
@@ -217,16 +245,25 @@ class Trainer:
         end_epoch = cfg.freeze_epoch if cfg.freeze_training else cfg.unfreeze_epoch
         if cfg.quick_test:
             end_epoch = cfg.init_epoch + 1
-        first_frozen, first_batch = self._phase(cfg.init_epoch)
-        optimizer = build_optimizer(model, cfg.optimizer, scaled_lr(cfg.init_lr, first_batch, cfg.optimizer,
-                                                                     cfg.nominal_batch),
-                                    cfg.momentum, cfg.weight_decay)
+        _first_frozen, first_batch = self._phase(cfg.init_epoch)
+        optimizer = build_optimizer(
+            model,
+            cfg.optimizer,
+            scaled_lr(cfg.init_lr, first_batch, cfg.optimizer, cfg.nominal_batch),
+            cfg.momentum,
+            cfg.weight_decay,
+        )
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         ema = ModelEMA(model) if cfg.ema else None
-        loss_fn = YoloLoss(unwrap(model).anchors, unwrap(model).strides, 1,
-                           LossConfig(label_smoothing=cfg.label_smoothing))
-        schedule = LRSchedule(total_epochs=float(end_epoch - cfg.init_epoch if cfg.quick_test else end_epoch),
-                              warmup_epochs=cfg.warmup_epochs, min_lr_ratio=cfg.min_lr_ratio, kind=cfg.lr_decay_type)
+        loss_fn = YoloLoss(
+            unwrap(model).anchors, unwrap(model).strides, 1, LossConfig(label_smoothing=cfg.label_smoothing)
+        )
+        schedule = LRSchedule(
+            total_epochs=float(end_epoch - cfg.init_epoch if cfg.quick_test else end_epoch),
+            warmup_epochs=cfg.warmup_epochs,
+            min_lr_ratio=cfg.min_lr_ratio,
+            kind=cfg.lr_decay_type,
+        )
         state = {"epoch": cfg.init_epoch, "best": None, "best_epoch": None}
         if cfg.resume:
             self._resume(model, ema, optimizer, scaler, state)
@@ -235,12 +272,23 @@ class Trainer:
             self.log("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
         self.run_log = RunLog(self.run_dir, enabled=self.dist.main, resume=cfg.resume)
         if cfg.no_eval_map or self.val_set is None:
-            self.log("mAP evaluation off (--no_eval_map or no val split): best.pth is chosen by "
-                     + ("validation loss" if self.val_set is not None else "training loss"))
+            self.log(
+                "mAP evaluation off (--no_eval_map or no val split): best.pth is chosen by "
+                + ("validation loss" if self.val_set is not None else "training loss")
+            )
 
-        aug_cfg = AugmentConfig(mosaic=cfg.mosaic, mosaic_prob=cfg.mosaic_prob, mixup=cfg.mixup,
-                                mixup_prob=cfg.mixup_prob, translate=cfg.translate, scale=cfg.scale,
-                                fliplr=cfg.fliplr, hsv_h=cfg.hsv_h, hsv_s=cfg.hsv_s, hsv_v=cfg.hsv_v)
+        aug_cfg = AugmentConfig(
+            mosaic=cfg.mosaic,
+            mosaic_prob=cfg.mosaic_prob,
+            mixup=cfg.mixup,
+            mixup_prob=cfg.mixup_prob,
+            translate=cfg.translate,
+            scale=cfg.scale,
+            fliplr=cfg.fliplr,
+            hsv_h=cfg.hsv_h,
+            hsv_s=cfg.hsv_s,
+            hsv_v=cfg.hsv_v,
+        )
         wrapped, current_phase, loader = None, None, None
         summary: dict[str, Any] = {}
         for epoch in range(state["epoch"], end_epoch):
@@ -248,14 +296,34 @@ class Trainer:
             if current_phase != (frozen, batch):
                 self._set_frozen(unwrap(model), frozen)
                 wrapped = self._wrap(model)
-                loader = self._loader(self.train_set, batch, cfg.quick_test_batches if cfg.quick_test else None)
-                base_lr = scaled_lr(cfg.init_lr, batch * self.dist.world_size, cfg.optimizer, cfg.nominal_batch)
+                loader = self._loader(
+                    self.train_set, batch, cfg.quick_test_batches if cfg.quick_test else None
+                )
+                base_lr = scaled_lr(
+                    cfg.init_lr, batch * self.dist.world_size, cfg.optimizer, cfg.nominal_batch
+                )
                 current_phase = (frozen, batch)
-                self.log(f"phase: {'freeze (backbones frozen)' if frozen else 'unfreeze'} from epoch {epoch + 1}, "
-                         f"batch {batch}, base lr {base_lr:.2e}")
+                self.log(
+                    f"phase: {'freeze (backbones frozen)' if frozen else 'unfreeze'} from epoch {epoch + 1}, "
+                    f"batch {batch}, base lr {base_lr:.2e}"
+                )
             special = epoch < cfg.special_aug_ratio * end_epoch
-            stats = self._train_epoch(epoch, end_epoch, wrapped, model, frozen, loader, optimizer, scaler, ema,
-                                      loss_fn, schedule, base_lr, aug_cfg, special)
+            stats = self._train_epoch(
+                epoch,
+                end_epoch,
+                wrapped,
+                model,
+                frozen,
+                loader,
+                optimizer,
+                scaler,
+                ema,
+                loss_fn,
+                schedule,
+                base_lr,
+                aug_cfg,
+                special,
+            )
             summary = self._end_epoch(epoch, end_epoch, model, ema, optimizer, scaler, loss_fn, state, stats)
         if self.dist.main:
             self.run_log.close()
@@ -266,8 +334,23 @@ class Trainer:
             torch.distributed.destroy_process_group()
         return summary
 
-    def _train_epoch(self, epoch, end_epoch, wrapped, model, frozen, loader, optimizer, scaler, ema, loss_fn,
-                     schedule, base_lr, aug_cfg, special) -> dict[str, float]:
+    def _train_epoch(
+        self,
+        epoch,
+        end_epoch,
+        wrapped,
+        model,
+        frozen,
+        loader,
+        optimizer,
+        scaler,
+        ema,
+        loss_fn,
+        schedule,
+        base_lr,
+        aug_cfg,
+        special,
+    ) -> dict[str, float]:
         cfg = self.cfg
         self._train_mode(unwrap(model), frozen)
         loader.set_epoch(epoch)
@@ -279,8 +362,13 @@ class Trainer:
         tdiff_sum = 0.0
         wait = 0.0
         t_start = time.perf_counter()
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{end_epoch}", disable=not self.dist.main,
-                   dynamic_ncols=True, leave=True)
+        bar = tqdm(
+            total=steps,
+            desc=f"epoch {epoch + 1}/{end_epoch}",
+            disable=not self.dist.main,
+            dynamic_ncols=True,
+            leave=True,
+        )
         lr = base_lr
         iterator = iter(loader)
         for i in range(steps):
@@ -290,13 +378,23 @@ class Trainer:
             progress = epoch + i / steps
             lr = base_lr * schedule.factor(progress)
             set_lr(optimizer, lr, schedule.momentum(progress, cfg.momentum))
-            rgb, event, targets = augment_batch(batch.rgb, batch.event, batch.targets, self.input_hw, aug_cfg,
-                                                special=special, generator=generator)
+            rgb, event, targets = augment_batch(
+                batch.rgb,
+                batch.event,
+                batch.targets,
+                self.input_hw,
+                aug_cfg,
+                special=special,
+                generator=generator,
+            )
             if cfg.channels_last and self.device.type == "cuda":
                 rgb = rgb.contiguous(memory_format=torch.channels_last) if rgb is not None else None
                 event = event.contiguous(memory_format=torch.channels_last) if event is not None else None
-            autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-                        else contextlib.nullcontext())
+            autocast = (
+                torch.autocast(self.device.type, dtype=self.amp_dtype)
+                if self.amp_dtype
+                else contextlib.nullcontext()
+            )
             with autocast:
                 preds = wrapped(rgb, event)
             loss, parts = loss_fn([p.float() for p in preds], targets)
@@ -322,53 +420,93 @@ class Trainer:
                 rate = seen * self.dist.world_size / max(elapsed, 1e-9)
                 bar.set_postfix_str(
                     f"loss {mean[0]:.4f} lr {lr:.2e} dual {dual}/{seen} ({100 * dual / max(seen, 1):.1f}%) "
-                    f"tdiff {tdiff_sum / max(dual, 1):.1f}ms {rate:.0f} img/s wait {100 * wait / elapsed:.0f}%")
+                    f"tdiff {tdiff_sum / max(dual, 1):.1f}ms {rate:.0f} img/s wait {100 * wait / elapsed:.0f}%"
+                )
                 step = epoch * steps + i
-                scalars = {"train/loss": mean[0], "train/box": mean[1], "train/obj": mean[2], "train/cls": mean[3],
-                           "train/lr": lr, "speed/pairs_per_s": rate, "speed/data_wait": wait / elapsed}
+                scalars = {
+                    "train/loss": mean[0],
+                    "train/box": mean[1],
+                    "train/obj": mean[2],
+                    "train/cls": mean[3],
+                    "train/lr": lr,
+                    "speed/pairs_per_s": rate,
+                    "speed/data_wait": wait / elapsed,
+                }
                 if self.device.type == "cuda":
                     scalars["gpu/memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 self.run_log.scalars(scalars, step)
         bar.close()
         elapsed = time.perf_counter() - t_start
         mean = (sums / max(steps, 1)).tolist()
-        return {"train_loss": mean[0], "box_loss": mean[1], "obj_loss": mean[2], "cls_loss": mean[3], "lr": lr,
-                "pairs_per_s": seen * self.dist.world_size / max(elapsed, 1e-9), "data_wait": wait / max(elapsed, 1e-9),
-                "dual": dual, "seen": seen}
+        return {
+            "train_loss": mean[0],
+            "box_loss": mean[1],
+            "obj_loss": mean[2],
+            "cls_loss": mean[3],
+            "lr": lr,
+            "pairs_per_s": seen * self.dist.world_size / max(elapsed, 1e-9),
+            "data_wait": wait / max(elapsed, 1e-9),
+            "dual": dual,
+            "seen": seen,
+        }
 
-    def _end_epoch(self, epoch, end_epoch, model, ema, optimizer, scaler, loss_fn, state, stats) -> dict[str, Any]:
+    def _end_epoch(
+        self, epoch, end_epoch, model, ema, optimizer, scaler, loss_fn, state, stats
+    ) -> dict[str, Any]:
         cfg = self.cfg
         last = epoch + 1 == end_epoch
-        row: dict[str, Any] = {"epoch": epoch + 1, **{k: stats[k] for k in ("train_loss", "box_loss", "obj_loss",
-                                                                        "cls_loss", "lr", "pairs_per_s",
-                                                                        "data_wait")}}
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            **{
+                k: stats[k]
+                for k in ("train_loss", "box_loss", "obj_loss", "cls_loss", "lr", "pairs_per_s", "data_wait")
+            },
+        }
         eval_model = ema.module if ema is not None else unwrap(model)
         do_eval = self.val_set is not None and ((epoch + 1) % cfg.eval_period == 0 or last or cfg.quick_test)
         if do_eval and self.dist.main:
             from fredfusion.eval.evaluator import evaluate
 
-            result = evaluate(eval_model, self.val_set, batch_size=cfg.eval_batch_size, device=self.device,
-                              input_hw=self.input_hw, conf=cfg.conf_thres, iou=cfg.nms_iou,
-                              amp_dtype=self.amp_dtype, loss_fn=loss_fn, num_workers=0,
-                              compute_map=not cfg.no_eval_map)
+            result = evaluate(
+                eval_model,
+                self.val_set,
+                batch_size=cfg.eval_batch_size,
+                device=self.device,
+                input_hw=self.input_hw,
+                conf=cfg.conf_thres,
+                iou=cfg.nms_iou,
+                amp_dtype=self.amp_dtype,
+                loss_fn=loss_fn,
+                num_workers=0,
+                compute_map=not cfg.no_eval_map,
+            )
             row["val_loss"] = result.metrics.get("val_loss")
             if not cfg.no_eval_map:
                 row["mAP50"] = result.metrics.get("mAP50")
                 row["mAP50_95"] = result.metrics.get("mAP50_95")
-                self.log(f"epoch {epoch + 1}: mAP50 {row['mAP50']:.4f}  mAP50:95 {row['mAP50_95']:.4f}  "
-                         f"val_loss {row['val_loss']:.4f}  ({result.metrics.get('pairs_per_s', 0):.0f} pairs/s)")
+                self.log(
+                    f"epoch {epoch + 1}: mAP50 {row['mAP50']:.4f}  mAP50:95 {row['mAP50_95']:.4f}  "
+                    f"val_loss {row['val_loss']:.4f}  ({result.metrics.get('pairs_per_s', 0):.0f} pairs/s)"
+                )
             else:
                 self.log(f"epoch {epoch + 1}: val_loss {row['val_loss']:.4f}")
             self._log_val_images(eval_model, epoch)
         if self.dist.main:
-            self.run_log.scalars({f"val/{k}": row.get(k) for k in ("mAP50", "mAP50_95", "val_loss")}, epoch + 1)
+            self.run_log.scalars(
+                {f"val/{k}": row.get(k) for k in ("mAP50", "mAP50_95", "val_loss")}, epoch + 1
+            )
             self.run_log.epoch_row(row)
             self._save(epoch, model, ema, optimizer, scaler, state, row)
         if self.dist.world_size > 1:
             torch.distributed.barrier()
         summary = dict(row)
-        summary.update(best=state["best"], best_epoch=state["best_epoch"], run_dir=str(self.run_dir),
-                       dual=stats["dual"], seen=stats["seen"])
+        summary.update(
+            best=state["best"],
+            best_epoch=state["best_epoch"],
+            run_dir=str(self.run_dir),
+            dual=stats["dual"],
+            seen=stats["seen"],
+        )
         return summary
 
     def _score(self, row: dict[str, Any]) -> float | None:
@@ -385,9 +523,13 @@ class Trainer:
         score = self._score(row)
         if score is not None and (state["best"] is None or score > state["best"]):
             state["best"], state["best_epoch"] = score, epoch + 1
-            best = {"meta": meta, "model": (ema.state_dict() if ema else unwrap(model).state_dict()),
-                    "epoch": epoch + 1, "metrics": {k: v for k, v in row.items() if v is not None},
-                    "config": cfg.to_dict()}
+            best = {
+                "meta": meta,
+                "model": (ema.state_dict() if ema else unwrap(model).state_dict()),
+                "epoch": epoch + 1,
+                "metrics": {k: v for k, v in row.items() if v is not None},
+                "config": cfg.to_dict(),
+            }
             save_checkpoint(best, self.run_dir / "best.pth")
             if cfg.best_alias:
                 Path(cfg.best_alias).parent.mkdir(parents=True, exist_ok=True)
@@ -403,8 +545,10 @@ class Trainer:
             "best": state["best"],
             "best_epoch": state["best_epoch"],
             "config": cfg.to_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
         }
         save_checkpoint(payload, self.run_dir / "last.pth")
         if cfg.save_period > 0 and (epoch + 1) % cfg.save_period == 0:
@@ -419,8 +563,10 @@ class Trainer:
         mine = model_meta(unwrap(model))
         for key in ("modality", "size", "fusion"):
             if meta.get(key) != mine[key]:
-                raise SystemExit(f"--resume: {path} holds a {key}={meta.get(key)} model, "
-                                 f"this run asks for {key}={mine[key]}")
+                raise SystemExit(
+                    f"--resume: {path} holds a {key}={meta.get(key)} model, "
+                    f"this run asks for {key}={mine[key]}"
+                )
         unwrap(model).load_state_dict(payload["model"], strict=True)
         if ema is not None and payload.get("ema"):
             ema.module.load_state_dict(payload["ema"], strict=True)
@@ -429,10 +575,14 @@ class Trainer:
         if payload.get("scaler"):
             scaler.load_state_dict(payload["scaler"])
         torch.set_rng_state(payload["rng"]["torch"])
-        state.update(epoch=int(payload["epoch"]), best=payload.get("best"), best_epoch=payload.get("best_epoch"))
+        state.update(
+            epoch=int(payload["epoch"]), best=payload.get("best"), best_epoch=payload.get("best_epoch")
+        )
         self.checks["weights"] = f"resumed from {path} at epoch {state['epoch']}"
-        self.log(f"resume: {path}, continuing at epoch {state['epoch'] + 1} "
-                 f"({len(payload['model'])} tensors, optimizer and EMA restored)")
+        self.log(
+            f"resume: {path}, continuing at epoch {state['epoch'] + 1} "
+            f"({len(payload['model'])} tensors, optimizer and EMA restored)"
+        )
 
     def _log_val_images(self, model: nn.Module, epoch: int) -> None:
         """A few validation images with predicted (red) and true (green) boxes in TensorBoard."""
@@ -446,8 +596,11 @@ class Trainer:
         self.run_log.image("val/predictions", picture, epoch + 1)
 
     def _print_checklist(self, summary: dict[str, Any]) -> None:
-        mem = (f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB peak"
-               if self.device.type == "cuda" else "n/a (CPU)")
+        mem = (
+            f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB peak"
+            if self.device.type == "cuda"
+            else "n/a (CPU)"
+        )
         lines = [
             ("data found", self.checks.get("data", "?")),
             ("dual rate (train split)", self.checks.get("dual_rate", "?")),
@@ -456,8 +609,12 @@ class Trainer:
             ("throughput", f"{summary.get('pairs_per_s', 0):.1f} pairs/s"),
             ("data-wait share", f"{100 * summary.get('data_wait', 0):.1f}%"),
             ("GPU memory", mem),
-            ("mini evaluation", "skipped" if summary.get("mAP50") is None else
-             f"mAP50 {summary['mAP50']:.4f}, mAP50:95 {summary['mAP50_95']:.4f}"),
+            (
+                "mini evaluation",
+                "skipped"
+                if summary.get("mAP50") is None
+                else f"mAP50 {summary['mAP50']:.4f}, mAP50:95 {summary['mAP50_95']:.4f}",
+            ),
             ("checkpoints", str(self.run_dir)),
         ]
         width = max(len(k) for k, _ in lines)

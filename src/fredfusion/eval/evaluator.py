@@ -176,7 +176,7 @@ def evaluate(
                 detections.extend(_to_coco(packed_np, ids))
                 if loss_fn is not None:
                     loss, _parts = loss_fn(preds, targets_lb)
-                    term = loss.detach().float().reshape(-1).sum() * keep
+                    term = loss.detach().float().reshape(-1).sum()  # YoloLoss returns the batch sum
                     loss_sum = term if loss_sum is None else loss_sum + term
                 seen_ids.append(ids)
                 n_done += keep

@@ -1,0 +1,109 @@
+"""`fredfusion eval`: evaluate checkpoints on a split, print tables, write the report folder."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fredfusion.data.dataset import PreparedDataset
+from fredfusion.engine.checkpoint import load_model
+from fredfusion.engine.trainer import Distributed, amp_dtype_for, pick_device
+from fredfusion.eval.evaluator import EvalResult, evaluate
+from fredfusion.eval.report import breakdowns, compare_table, format_table, write_report
+
+
+def _input_hw(payload: dict, given: tuple[int, int] | None) -> tuple[int, int]:
+    if given:
+        return (int(given[0]), int(given[1]))
+    shape = (payload.get("config") or {}).get("input_shape") or [384, 640]
+    return (int(shape[0]), int(shape[1]))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or value < 0 else f"{100 * value:.2f}"
+
+
+def evaluate_checkpoints(
+    weights: Sequence[Path],
+    data: Path,
+    split: str = "test",
+    batch: int = 32,
+    conf: float = 0.001,
+    iou: float = 0.6,
+    input_hw: tuple[int, int] | None = None,
+    device: str = "",
+    workers: int = 0,
+    out: Path | None = None,
+    gallery: int = 8,
+    log=print,
+) -> dict[str, EvalResult]:
+    """Evaluate each checkpoint on the true RGB+Event pairs of `split`; write one report folder each."""
+    dev = pick_device(device, Distributed())
+    results: dict[str, EvalResult] = {}
+    names = _unique_names([Path(w) for w in weights])
+    for name, path in zip(names, weights):
+        model, payload = load_model(Path(path), dev)
+        hw = _input_hw(payload, input_hw)
+        dataset = PreparedDataset(Path(data), split, modality=model.modality, pairs="dual")
+        log(
+            f"eval {path}: {model.modality} YOLO-{model.size} on {len(dataset)} {split} pairs at {hw[1]}x{hw[0]}"
+        )
+        t0 = time.perf_counter()
+        result = evaluate(
+            model,
+            dataset,
+            batch_size=batch,
+            device=dev,
+            input_hw=hw,
+            conf=conf,
+            iou=iou,
+            amp_dtype=amp_dtype_for(dev, True),
+            num_workers=workers,
+            progress=True,
+        )
+        m = result.metrics
+        log(
+            f"  mAP50 {_pct(m['mAP50'])}  mAP50:95 {_pct(m['mAP50_95'])}  AR100 {_pct(m['AR100'])}  "
+            f"APs {_pct(m['APs'])}  APm {_pct(m['APm'])}"
+        )
+        log(
+            f"  {m['images']} pairs, inference+NMS {m['pairs_per_s']:.1f} pairs/s, metrics {m['metrics_s']:.2f} s, "
+            f"total {time.perf_counter() - t0:.1f} s"
+        )
+        parts = breakdowns(result.gt, result.detections, dataset.images)
+        _print_breakdowns(parts, log)
+        folder = (Path(out) / name if len(weights) > 1 else Path(out)) if out else Path("runs/eval") / name
+        files = write_report(folder, result, parts, dataset=dataset, gallery=gallery)
+        log(f"  report: {', '.join(str(p) for p in files.values())}")
+        results[name] = result
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    if len(results) > 1:
+        log(compare_table(results))
+    return results
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    """Readable names for checkpoints: the run folder name (dual/rgb/...), or the file stem."""
+    names = [p.parent.name if p.stem in ("best", "last") and p.parent.name else p.stem for p in paths]
+    if len(set(names)) != len(names):
+        names = [f"{n}_{i}" for i, n in enumerate(names)]
+    return names
+
+
+def _print_breakdowns(parts: dict, log) -> None:
+    rows = [[k, v["images"], v["gt_boxes"], _pct(v["AP50"])] for k, v in parts["per_sequence"].items()]
+    log(format_table(rows, ["sequence", "images", "boxes", "AP50"]))
+    rows = [[k, v["images"], v["gt_boxes"], _pct(v["AP50"])] for k, v in parts["per_drone_model"].items()]
+    if rows:
+        log(format_table(rows, ["drone model", "images", "boxes", "AP50"]))
+    rows = [[k, v["gt_boxes"], _pct(v["AP50"])] for k, v in parts["by_size"]["max_side_px"].items()]
+    log(format_table(rows, ["max side px", "boxes", "AP50"]))
+    rows = [[k, v["images"], v["gt_boxes"], _pct(v["AP50"])] for k, v in parts["per_pair_status"].items()]
+    log(format_table(rows, ["pair status", "images", "boxes", "AP50"]))
+    worst = ", ".join(f"{w['sequence_id']} ({_pct(w['AP50'])})" for w in parts["worst_sequences"])
+    log(f"worst sequences by AP50: {worst or '-'}")

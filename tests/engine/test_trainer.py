@@ -1,0 +1,118 @@
+"""Training workflow end to end on a tiny prepared sample (CPU, YOLO-n, 64x128 input)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from fredfusion.cli import main
+from fredfusion.config import load_config
+from fredfusion.engine.checkpoint import load_checkpoint
+from fredfusion.engine.trainer import Trainer
+
+TINY = {
+    "model": "n",
+    "input_shape": [64, 128],
+    "freeze_train": False,
+    "unfreeze_batch_size": 8,
+    "freeze_batch_size": 8,
+    "num_workers": 0,
+    "persistent_workers": False,
+    "eval_period": 1,
+    "warmup_epochs": 0.5,
+    "log_interval": 2,
+    "save_period": 0,
+}
+
+
+def _cfg(data: Path, run: Path, **extra) -> object:
+    return load_config(overrides={**TINY, "data": str(data), "save_dir": str(run), **extra})
+
+
+def _weights(path: Path, key: str = "model") -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[key]
+
+
+def test_resume_continues_exactly(tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight = _cfg(tiny_prepared, tmp_path / "a", unfreeze_epoch=2)
+    Trainer(straight).fit()
+
+    interrupted = _cfg(tiny_prepared, tmp_path / "b", unfreeze_epoch=2)
+    original = Trainer._end_epoch
+    calls = []
+
+    def stop_after_first(self, epoch, *args, **kwargs):
+        result = original(self, epoch, *args, **kwargs)
+        calls.append(epoch)
+        raise KeyboardInterrupt  # the process dies right after epoch 1's checkpoint
+
+    monkeypatch.setattr(Trainer, "_end_epoch", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(interrupted).fit()
+    monkeypatch.setattr(Trainer, "_end_epoch", original)
+    assert calls == [0] and load_checkpoint(tmp_path / "b" / "dual" / "last.pth")["epoch"] == 1
+
+    Trainer(_cfg(tiny_prepared, tmp_path / "b", unfreeze_epoch=2, resume=True)).fit()
+    a, b = (load_checkpoint(p / "dual" / "last.pth") for p in (tmp_path / "a", tmp_path / "b"))
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+    rows = (tmp_path / "b" / "dual" / "results.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_prepared: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="nothing to resume"):
+        Trainer(_cfg(tiny_prepared, tmp_path, resume=True)).fit()
+
+
+def test_quick_test_prints_check_list(tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["train", "--data", str(tiny_prepared), "--save_dir", str(tmp_path), "--quick_test", "--phi", "n",
+            "--input_shape", "64", "128", "--Unfreeze_batch_size", "4", "--Freeze_batch_size", "4",
+            "--num_workers", "0", "--quick_test_batches", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for item in ("data found", "dual rate", "weights", "throughput", "data-wait share", "GPU memory"):
+        assert f"[x] {item}" in out, item
+    assert re.search(r"\[x\] mini evaluation +mAP50 \d\.\d{4}", out)
+    run = tmp_path / "dual"
+    for name in ("best.pth", "last.pth", "config.yaml", "results.csv", "curves.png"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    assert load_checkpoint(run / "last.pth")["epoch"] == 1
+
+
+def test_rgb_weights_initialise_dual_and_freeze_phase_keeps_backbones(tiny_prepared: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    Trainer(_cfg(tiny_prepared, tmp_path, modality="rgb", unfreeze_epoch=1, no_eval_map=True,
+                 best_alias=str(tmp_path / "fred_rgb" / "fred_rgb_best.pth"))).fit()
+    rgb_weights = tmp_path / "fred_rgb" / "fred_rgb_best.pth"
+    assert rgb_weights.is_file()
+    rgb = _weights(rgb_weights)
+
+    Trainer(_cfg(tiny_prepared, tmp_path, weights=str(rgb_weights), freeze_training=True, freeze_epoch=1,
+                 unfreeze_epoch=3, ema=False)).fit()
+    out = capsys.readouterr().out
+    assert "weights: loaded" in out and "phase: freeze" in out
+    dual = load_checkpoint(tmp_path / "dual" / "last.pth")
+    assert dual["epoch"] == 1  # --freeze_training: the freeze phase only
+    backbone = [k for k in rgb if k.startswith("backbone.")]
+    assert backbone
+    for key in backbone:
+        suffix = key[len("backbone."):]
+        for branch in ("backbone_rgb.", "backbone_event."):
+            torch.testing.assert_close(dual["model"][branch + suffix], rgb[key], msg=branch + suffix)
+    head = [k for k in rgb if k.startswith("head.") and k.endswith("weight")]
+    assert any(not torch.equal(dual["model"][k], rgb[k]) for k in head)  # the head did train
+
+
+def test_missing_weights_file_falls_back_to_random_init(tiny_prepared: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    cfg = _cfg(tiny_prepared, tmp_path, weights=str(tmp_path / "nope.pth"), quick_test=True,
+               quick_test_batches=1, no_eval_map=True)
+    Trainer(cfg).fit()
+    assert "nope.pth not found; training from random init" in capsys.readouterr().out
