@@ -75,6 +75,7 @@ class TrainConfig:
     no_eval_map: bool = False
     best_metric: str = "mAP50"
     eval_batch_size: int = 32
+    precise_bn: int = 256  # re-estimate BN statistics on this many train images before each evaluation
     conf_thres: float = 0.001
     nms_iou: float = 0.6
     save_period: int = 10

@@ -21,6 +21,7 @@ from fredfusion.config import TrainConfig, save_config
 from fredfusion.data.augment import AugmentConfig, augment_batch
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import BatchLoader
+from fredfusion.engine.batchnorm import recalibrate_batchnorm
 from fredfusion.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -135,10 +136,23 @@ class Trainer:
         self._dual_flag = {i: im.get("pair_status") == "dual" for i, im in status.items()}
         self._tdiff = {i: float(im.get("time_diff_ms") or 0.0) for i, im in status.items()}
 
-    def _anchors(self) -> torch.Tensor | None:
-        if not self.cfg.autoanchor:
-            return None
+    def _loss_config(self) -> LossConfig:
+        """YOLOv5 gain scaling: class gain by classes/80, objectness gain by input area / 640x640."""
+        height, width = self.input_hw
+        base = LossConfig()
+        return LossConfig(
+            cls=base.cls * 1 / 80,
+            obj=base.obj * height * width / (640 * 640),
+            label_smoothing=self.cfg.label_smoothing,
+        )
+
+    def _anchors(self) -> torch.Tensor:
+        """Default anchors (tuned at 640 wide) scaled to the input width, or k-means ones (--autoanchor)."""
         from fredfusion.model.anchors import anchor_recall, default_anchors, kmeans_anchors
+
+        scaled = default_anchors() * (self.input_hw[1] / 640)
+        if not self.cfg.autoanchor:
+            return scaled
 
         scale = self.input_hw[1] / self.train_set.store_hw[1]
         wh = [
@@ -146,18 +160,18 @@ class Trainer:
         ]
         if not wh:
             self.log("autoanchor: no train boxes; default anchors kept")
-            return None
+            return scaled
         wh_np = np.concatenate(wh) * scale
-        defaults = default_anchors().reshape(-1, 2).numpy()
+        defaults = scaled.reshape(-1, 2).numpy()
         base = anchor_recall(wh_np, defaults, 4.0)
         try:
             anchors, recall = kmeans_anchors(wh_np, n=9, seed=self.cfg.seed)
         except ValueError as exc:
             self.log(f"autoanchor: {exc}; default anchors kept (recall {base:.3f})")
-            return None
+            return scaled
         self.log(f"autoanchor: k-means recall {recall:.3f} vs default {base:.3f} on {len(wh_np)} boxes")
         if recall <= base:
-            return None
+            return scaled
         return torch.as_tensor(anchors, dtype=torch.float32).reshape(3, 3, 2)
 
     def _build_model(self) -> nn.Module:
@@ -221,7 +235,7 @@ class Trainer:
             dataset,
             batch_size=batch,
             shuffle=True,
-            drop_last=len(dataset) >= batch,
+            drop_last=len(dataset) >= batch * self.dist.world_size,
             num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch_factor,
             persistent_workers=cfg.persistent_workers,
@@ -255,9 +269,7 @@ class Trainer:
         )
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         ema = ModelEMA(model) if cfg.ema else None
-        loss_fn = YoloLoss(
-            unwrap(model).anchors, unwrap(model).strides, 1, LossConfig(label_smoothing=cfg.label_smoothing)
-        )
+        loss_fn = YoloLoss(unwrap(model).anchors, unwrap(model).strides, 1, self._loss_config())
         schedule = LRSchedule(
             total_epochs=float(end_epoch - cfg.init_epoch if cfg.quick_test else end_epoch),
             warmup_epochs=cfg.warmup_epochs,
@@ -467,6 +479,17 @@ class Trainer:
         if do_eval and self.dist.main:
             from fredfusion.eval.evaluator import evaluate
 
+            if cfg.precise_bn > 0:
+                recalibrate_batchnorm(
+                    eval_model,
+                    self.train_set,
+                    self.input_hw,
+                    images=cfg.precise_bn,
+                    batch_size=cfg.eval_batch_size,
+                    device=self.device,
+                    amp_dtype=self.amp_dtype,
+                    seed=cfg.seed + epoch,
+                )
             result = evaluate(
                 eval_model,
                 self.val_set,
