@@ -1,4 +1,4 @@
-"""The `fredfusion` command: synth, prepare, train, eval, demo."""
+"""The `fredfusion` command: synth, prepare, train, eval, predict, show, export, demo."""
 
 from __future__ import annotations
 
@@ -257,7 +257,10 @@ def run_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fredfusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_synth, add_prepare, add_train, add_eval, add_demo):
+    from fredfusion import export, predict, show
+
+    for add in (add_synth, add_prepare, add_train, add_eval, predict.add_parser, show.add_parser,
+                export.add_parser, add_demo):
         add(sub)
     return parser
 

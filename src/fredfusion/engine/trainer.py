@@ -411,7 +411,9 @@ class Trainer:
                 preds = wrapped(rgb, event)
             loss, parts = loss_fn([p.float() for p in preds], targets)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # YoloLoss returns mean * batch; scaling to the nominal batch (64) gives every batch size the
+            # per-image step of a 64-image batch, so Init_lr * batch / 64 is a plain linear-scaling rule.
+            scaler.scale(loss * (cfg.nominal_batch / max(len(batch.ids), 1))).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), max_norm=10.0)
             scaler.step(optimizer)

@@ -1,0 +1,267 @@
+"""`fredfusion export`: ONNX export of a checkpoint with decoding in the graph, checked with onnxruntime.
+
+The graph takes one float input per modality the model uses, named ``rgb`` and/or ``event``, shape
+``(B, 3, H, W)`` in [0, 1], and returns ``predictions`` ``(B, N, 5 + nc)``: rows ``cx, cy, w, h``
+(input pixels), objectness, class probabilities, as :func:`fredfusion.model.postprocess.decode`
+gives them. Non-maximum suppression stays outside the graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "OUTPUT_NAME",
+    "PARITY_TOL",
+    "DecodedDetector",
+    "ExportError",
+    "add_parser",
+    "export_onnx",
+    "input_names_for",
+    "run",
+    "verify_onnx",
+]
+
+OUTPUT_NAME = "predictions"
+PARITY_TOL = 1e-3
+"""Largest max-abs difference between onnxruntime and PyTorch outputs that passes the check."""
+_EXTRA_HINT = 'install the export extra: pip install -e ".[export]"'
+
+
+class ExportError(ValueError):
+    """An export that cannot be done or did not pass its check; the message says why."""
+
+
+def input_names_for(modality: str) -> list[str]:
+    """ONNX input names of a model of ``modality``: rgb -> [rgb], event -> [event], dual -> [rgb, event]."""
+    names = {"rgb": ["rgb"], "event": ["event"], "dual": ["rgb", "event"]}
+    if modality not in names:
+        raise ValueError(f"unknown modality {modality!r}; valid: rgb, event, dual")
+    return list(names[modality])
+
+
+class DecodedDetector(nn.Module):
+    """A FusionYOLO whose forward takes only the inputs of its modality and returns decoded rows."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from fredfusion.model.postprocess import decode  # imported here, never while tracing
+
+        super().__init__()
+        self.model = model
+        self.modality = str(model.modality)
+        self._decode = decode
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.modality == "rgb":
+            maps = self.model(inputs[0], None)
+        elif self.modality == "event":
+            maps = self.model(None, inputs[0])
+        else:
+            maps = self.model(inputs[0], inputs[1])
+        return self._decode(maps, self.model.anchors, self.model.strides)
+
+
+def _require(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(
+            f"ONNX export needs the '{module}' package, which is not installed; {_EXTRA_HINT}"
+        ) from None
+
+
+def _input_hw(payload: dict[str, Any], given: tuple[int, int] | None, weights: Path) -> tuple[int, int]:
+    if given is not None:
+        shape, source = given, "--input-shape"
+    else:
+        shape = (payload.get("config") or {}).get("input_shape") or [384, 640]
+        source = f"{weights} (config.input_shape)"
+    try:
+        h, w = (int(v) for v in shape)
+    except (TypeError, ValueError):
+        raise ExportError(f"input shape from {source} must be two integers H W, got {shape!r}") from None
+    if h <= 0 or w <= 0 or h % 32 or w % 32:
+        raise ExportError(f"input shape from {source} must be positive multiples of 32, got {h} {w}")
+    return h, w
+
+
+def _random_inputs(names: list[str], batch: int, input_hw: tuple[int, int], seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(int(seed))
+    return [torch.rand((batch, 3, *input_hw), generator=gen) for _ in names]
+
+
+def verify_onnx(
+    onnx_path: Path, model: nn.Module, input_hw: tuple[int, int], batch: int = 1, seed: int = 0
+) -> float:
+    """Max abs difference between onnxruntime (CPU) and the PyTorch model on the same random inputs.
+
+    ``model`` is the FusionYOLO (decoding is added here, as in the export). Raises ExportError when
+    the ONNX file's input names are not those of the model's modality.
+    """
+    ort = _require("onnxruntime")
+    wrapper = DecodedDetector(model).eval()
+    names = input_names_for(wrapper.modality)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    got_names = [i.name for i in session.get_inputs()]
+    if got_names != names:
+        raise ExportError(
+            f"{onnx_path}: inputs are {got_names}, expected {names} for a {wrapper.modality} model"
+        )
+    xs = _random_inputs(names, batch, input_hw, seed)
+    (out,) = session.run([OUTPUT_NAME], {n: x.numpy() for n, x in zip(names, xs)})
+    with torch.no_grad():
+        ref = wrapper(*xs).numpy()
+    if out.shape != ref.shape:
+        raise ExportError(
+            f"{onnx_path}: onnxruntime output shape {out.shape} differs from PyTorch {ref.shape}"
+        )
+    return float(np.abs(out.astype(np.float64) - ref.astype(np.float64)).max())
+
+
+def export_onnx(
+    weights: Path,
+    out: Path | None = None,
+    *,
+    opset: int = 17,
+    dynamic: bool = False,
+    input_hw: tuple[int, int] | None = None,
+    check: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export a checkpoint to ONNX (decoding in the graph) and check it against PyTorch.
+
+    ``out`` defaults to the weights path with suffix ``.onnx``; ``input_hw`` to the training
+    ``config.input_shape`` of the checkpoint (else 384 640). The batch dimension is 1, or named
+    ``batch`` and dynamic with ``dynamic``. With ``check``, onnxruntime runs the file on random inputs
+    (batch 2 when dynamic) and a max abs difference above :data:`PARITY_TOL` raises ExportError.
+    Returns ``{"path", "inputs", "input_hw", "output_shape", "max_abs_diff", "check_batch"}``.
+    """
+    from fredfusion.engine.checkpoint import CheckpointError, load_model
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}")
+    onnx = _require("onnx")
+    if check:
+        _require("onnxruntime")
+    if not 7 <= int(opset) <= 23:
+        raise ExportError(f"--opset must be between 7 and 23, got {opset}")
+    try:
+        model, payload = load_model(weights, "cpu")
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    hw = _input_hw(payload, input_hw, weights)
+    out = Path(out) if out is not None else weights.with_suffix(".onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    wrapper = DecodedDetector(model.float()).eval()
+    names = input_names_for(wrapper.modality)
+    example = tuple(_random_inputs(names, 1, hw, seed=0))
+    axes = {n: {0: "batch"} for n in [*names, OUTPUT_NAME]} if dynamic else None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=UserWarning)
+        torch.onnx.export(
+            wrapper,
+            example,
+            str(out),
+            dynamo=False,
+            input_names=names,
+            output_names=[OUTPUT_NAME],
+            opset_version=int(opset),
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+    wrapper.eval()  # the exporter restores the mode it found; keep inference mode for the check
+    with torch.no_grad():
+        n_rows, n_cols = wrapper(*example).shape[1:]
+
+    proto = onnx.load(str(out))
+    meta = {
+        "modality": model.modality,
+        "size": model.size,
+        "fusion": model.fusion,
+        "num_classes": str(model.num_classes),
+        "strides": ",".join(str(s) for s in model.strides),
+        "input_shape": f"{hw[0]},{hw[1]}",
+        "output": "cx,cy,w,h (input pixels),objectness,class probabilities",
+    }
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    out_dims = proto.graph.output[0].type.tensor_type.shape.dim
+    for d, size in zip(list(out_dims)[1:], (n_rows, n_cols)):  # static: fixed by the input size
+        d.dim_value = int(size)
+    dims = [d.dim_param or d.dim_value for d in out_dims]
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+
+    shapes = ", ".join(f"{n} ({'B' if dynamic else 1}, 3, {hw[0]}, {hw[1]})" for n in names)
+    log(
+        f"export: wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {opset}): {model.modality} "
+        f"YOLO-{model.size}; inputs {shapes}; output {OUTPUT_NAME} {tuple(dims)}"
+    )
+    result: dict[str, Any] = {
+        "path": out,
+        "inputs": names,
+        "input_hw": hw,
+        "output_shape": tuple(dims),
+        "max_abs_diff": None,
+        "check_batch": None,
+    }
+    if check:
+        batch = 2 if dynamic else 1
+        diff = verify_onnx(out, model, hw, batch=batch)
+        result.update(max_abs_diff=diff, check_batch=batch)
+        verdict = "ok" if diff <= PARITY_TOL else "FAILED"
+        log(f"onnxruntime check (batch {batch}): max abs difference {diff:.3g} vs PyTorch ({verdict})")
+        if not diff <= PARITY_TOL:
+            raise ExportError(
+                f"{out}: onnxruntime output differs from PyTorch by {diff:.3g} (limit {PARITY_TOL:g}); "
+                f"the exported graph is not faithful, do not use it"
+            )
+    return result
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fredfusion export``."""
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (decoded outputs) and check it")
+    p.add_argument("--weights", type=Path, required=True, help="checkpoint (best.pth)")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch dimension")
+    p.add_argument("--out", type=Path, default=None, help="output file (default: weights with .onnx)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument(
+        "--input-shape",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="input size (default: the checkpoint's training input_shape)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``fredfusion export`` from parsed arguments."""
+    export_onnx(
+        args.weights,
+        args.out,
+        opset=args.opset,
+        dynamic=args.dynamic,
+        input_hw=tuple(args.input_shape) if args.input_shape else None,
+    )
+    return 0
