@@ -25,6 +25,8 @@ TINY = {
     "warmup_epochs": 0.5,
     "log_interval": 2,
     "save_period": 0,
+    "precise_bn": 16,
+    "eval_batch_size": 16,
 }
 
 

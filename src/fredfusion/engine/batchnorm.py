@@ -26,12 +26,15 @@ def recalibrate_batchnorm(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     seed: int = 0,
+    frozen: list[nn.Module] | None = None,
 ) -> int:
     """Set every BN layer's running mean/var to its average over `images` letterboxed train images.
 
+    BN layers inside `frozen` modules (backbones of the freeze phase) keep their statistics.
     Returns the number of images used (0 when the model has no BatchNorm or images is 0).
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    keep = {id(m) for module in frozen or [] for m in module.modules()}
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in keep]
     if not bns or images <= 0 or len(dataset) == 0:
         return 0
     rng = np.random.default_rng(seed)
@@ -42,6 +45,8 @@ def recalibrate_batchnorm(
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the batches below
     model.train()
+    for module in frozen or []:
+        module.eval()
     device = torch.device(device)
     try:
         for start in range(0, len(ids), batch_size):
