@@ -259,8 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from fredfusion import export, predict, show
 
-    for add in (add_synth, add_prepare, add_train, add_eval, predict.add_parser, show.add_parser,
-                export.add_parser, add_demo):
+    for add in (
+        add_synth,
+        add_prepare,
+        add_train,
+        add_eval,
+        predict.add_parser,
+        show.add_parser,
+        export.add_parser,
+        add_demo,
+    ):
         add(sub)
     return parser
 

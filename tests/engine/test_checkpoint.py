@@ -49,5 +49,5 @@ def test_missing_and_garbage_files(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"\x00\x01junk")
-    with pytest.raises(CheckpointError, match="junk.pth"):
+    with pytest.raises(CheckpointError, match=r"junk\.pth"):
         load_checkpoint(tmp_path / "junk.pth")

@@ -38,7 +38,9 @@ def _weights(path: Path, key: str = "model") -> dict[str, torch.Tensor]:
     return load_checkpoint(path)[key]
 
 
-def test_resume_continues_exactly(tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_continues_exactly(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     straight = _cfg(tiny_prepared, tmp_path / "a", unfreeze_epoch=2)
     Trainer(straight).fit()
 
@@ -47,7 +49,7 @@ def test_resume_continues_exactly(tiny_prepared: Path, tmp_path: Path, monkeypat
     calls = []
 
     def stop_after_first(self, epoch, *args, **kwargs):
-        result = original(self, epoch, *args, **kwargs)
+        original(self, epoch, *args, **kwargs)
         calls.append(epoch)
         raise KeyboardInterrupt  # the process dies right after epoch 1's checkpoint
 
@@ -72,10 +74,30 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_prepared: Path, tmp_pat
         Trainer(_cfg(tiny_prepared, tmp_path, resume=True)).fit()
 
 
-def test_quick_test_prints_check_list(tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = ["train", "--data", str(tiny_prepared), "--save_dir", str(tmp_path), "--quick_test", "--phi", "n",
-            "--input_shape", "64", "128", "--Unfreeze_batch_size", "4", "--Freeze_batch_size", "4",
-            "--num_workers", "0", "--quick_test_batches", "3"]
+def test_quick_test_prints_check_list(
+    tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = [
+        "train",
+        "--data",
+        str(tiny_prepared),
+        "--save_dir",
+        str(tmp_path),
+        "--quick_test",
+        "--phi",
+        "n",
+        "--input_shape",
+        "64",
+        "128",
+        "--Unfreeze_batch_size",
+        "4",
+        "--Freeze_batch_size",
+        "4",
+        "--num_workers",
+        "0",
+        "--quick_test_batches",
+        "3",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     for item in ("data found", "dual rate", "weights", "throughput", "data-wait share", "GPU memory"):
@@ -88,16 +110,34 @@ def test_quick_test_prints_check_list(tiny_prepared: Path, tmp_path: Path, capsy
     assert load_checkpoint(run / "last.pth")["epoch"] == 1
 
 
-def test_rgb_weights_initialise_dual_and_freeze_phase_keeps_backbones(tiny_prepared: Path, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture) -> None:
-    Trainer(_cfg(tiny_prepared, tmp_path, modality="rgb", unfreeze_epoch=1, no_eval_map=True,
-                 best_alias=str(tmp_path / "fred_rgb" / "fred_rgb_best.pth"))).fit()
+def test_rgb_weights_initialise_dual_and_freeze_phase_keeps_backbones(
+    tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    Trainer(
+        _cfg(
+            tiny_prepared,
+            tmp_path,
+            modality="rgb",
+            unfreeze_epoch=1,
+            no_eval_map=True,
+            best_alias=str(tmp_path / "fred_rgb" / "fred_rgb_best.pth"),
+        )
+    ).fit()
     rgb_weights = tmp_path / "fred_rgb" / "fred_rgb_best.pth"
     assert rgb_weights.is_file()
     rgb = _weights(rgb_weights)
 
-    Trainer(_cfg(tiny_prepared, tmp_path, weights=str(rgb_weights), freeze_training=True, freeze_epoch=1,
-                 unfreeze_epoch=3, ema=False)).fit()
+    Trainer(
+        _cfg(
+            tiny_prepared,
+            tmp_path,
+            weights=str(rgb_weights),
+            freeze_training=True,
+            freeze_epoch=1,
+            unfreeze_epoch=3,
+            ema=False,
+        )
+    ).fit()
     out = capsys.readouterr().out
     assert "weights: loaded" in out and "phase: freeze" in out
     dual = load_checkpoint(tmp_path / "dual" / "last.pth")
@@ -105,16 +145,23 @@ def test_rgb_weights_initialise_dual_and_freeze_phase_keeps_backbones(tiny_prepa
     backbone = [k for k in rgb if k.startswith("backbone.")]
     assert backbone
     for key in backbone:
-        suffix = key[len("backbone."):]
+        suffix = key[len("backbone.") :]
         for branch in ("backbone_rgb.", "backbone_event."):
             torch.testing.assert_close(dual["model"][branch + suffix], rgb[key], msg=branch + suffix)
     head = [k for k in rgb if k.startswith("head.") and k.endswith("weight")]
     assert any(not torch.equal(dual["model"][k], rgb[k]) for k in head)  # the head did train
 
 
-def test_missing_weights_file_falls_back_to_random_init(tiny_prepared: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture) -> None:
-    cfg = _cfg(tiny_prepared, tmp_path, weights=str(tmp_path / "nope.pth"), quick_test=True,
-               quick_test_batches=1, no_eval_map=True)
+def test_missing_weights_file_falls_back_to_random_init(
+    tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = _cfg(
+        tiny_prepared,
+        tmp_path,
+        weights=str(tmp_path / "nope.pth"),
+        quick_test=True,
+        quick_test_batches=1,
+        no_eval_map=True,
+    )
     Trainer(cfg).fit()
     assert "nope.pth not found; training from random init" in capsys.readouterr().out

@@ -46,7 +46,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused to load: the file holds objects other than tensors and plain data "
-            f"(a pickle that could run code, or not a fredfusion checkpoint). Detail: {str(exc).splitlines()[0]}"
+            f"(a pickle that could run code, or not a fredfusion checkpoint). "
+            f"Detail: {str(exc).splitlines()[0]}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from None

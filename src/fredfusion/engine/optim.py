@@ -1,4 +1,4 @@
-"""Optimizer parameter groups and the learning-rate schedule (warm-up + cosine, a pure function of progress)."""
+"""Optimizer parameter groups and the learning-rate schedule (warm-up + cosine, a function of progress)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def scaled_lr(init_lr: float, batch_size: int, optimizer: str, nominal_batch: in
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """lr(progress) with progress in epochs (fractional): linear warm-up, then cosine / linear / step decay."""
+    """lr(progress), progress in (fractional) epochs: linear warm-up, then cosine / linear / step decay."""
 
     total_epochs: float
     warmup_epochs: float

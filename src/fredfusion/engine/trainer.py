@@ -431,7 +431,8 @@ class Trainer:
                 rate = seen * self.dist.world_size / max(elapsed, 1e-9)
                 bar.set_postfix_str(
                     f"loss {mean[0]:.4f} lr {lr:.2e} dual {dual}/{seen} ({100 * dual / max(seen, 1):.1f}%) "
-                    f"tdiff {tdiff_sum / max(dual, 1):.1f}ms {rate:.0f} img/s wait {100 * wait / elapsed:.0f}%"
+                    f"tdiff {tdiff_sum / max(dual, 1):.1f}ms {rate:.0f} img/s "
+                    f"wait {100 * wait / elapsed:.0f}%"
                 )
                 step = epoch * steps + i
                 scalars = {

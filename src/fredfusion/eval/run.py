@@ -49,7 +49,8 @@ def evaluate_checkpoints(
         hw = _input_hw(payload, input_hw)
         dataset = PreparedDataset(Path(data), split, modality=model.modality, pairs="dual")
         log(
-            f"eval {path}: {model.modality} YOLO-{model.size} on {len(dataset)} {split} pairs at {hw[1]}x{hw[0]}"
+            f"eval {path}: {model.modality} YOLO-{model.size} on {len(dataset)} {split} pairs "
+            f"at {hw[1]}x{hw[0]}"
         )
         t0 = time.perf_counter()
         result = evaluate(
@@ -70,7 +71,8 @@ def evaluate_checkpoints(
             f"APs {_pct(m['APs'])}  APm {_pct(m['APm'])}"
         )
         log(
-            f"  {m['images']} pairs, inference+NMS {m['pairs_per_s']:.1f} pairs/s, metrics {m['metrics_s']:.2f} s, "
+            f"  {m['images']} pairs, inference+NMS {m['pairs_per_s']:.1f} pairs/s, "
+            f"metrics {m['metrics_s']:.2f} s, "
             f"total {time.perf_counter() - t0:.1f} s"
         )
         parts = breakdowns(result.gt, result.detections, dataset.images)
