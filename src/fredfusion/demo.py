@@ -28,7 +28,7 @@ def run_demo(
     from fredfusion.eval.run import evaluate_checkpoints
 
     gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    epochs = epochs or (60 if gpu else 30)
+    epochs = epochs or (60 if gpu else 15)
     imgsz = imgsz or (640 if gpu else 320)
     out = Path(out)
     t0 = time.perf_counter()
@@ -49,7 +49,7 @@ def run_demo(
             "unfreeze_epoch": epochs,
             "unfreeze_batch_size": 16 if not gpu else 32,
             "warmup_epochs": 1,
-            "eval_period": max(epochs // 3, 1),
+            "eval_period": 5,
             "save_dir": str(out / "runs"),
             "name": modality,
             "num_workers": 0 if not gpu else 4,

@@ -107,8 +107,8 @@ def _bad_files(d: Path) -> dict[str, tuple[Path, str]]:
     text.write_text("this is not an image\n")
     big = d / "big.jpg"
     cv2.imwrite(str(big), np.zeros((SRC_H * 2, SRC_W * 2, 3), np.uint8))
-    gray = d / "gray.png"
-    cv2.imwrite(str(gray), np.zeros((SRC_H, SRC_W), np.uint8))
+    deep = d / "deep.png"
+    cv2.imwrite(str(deep), np.zeros((SRC_H, SRC_W, 3), np.uint16))
     return {
         "missing": (d / "missing.jpg", "missing file"),
         "zero": (zero, "zero-byte"),
@@ -116,7 +116,7 @@ def _bad_files(d: Path) -> dict[str, tuple[Path, str]]:
         "trunc_png": (trunc_png, "truncated PNG"),
         "text": (text, "not an image"),
         "big": (big, "wrong size 256x144"),
-        "gray": (gray, "wrong channel count 1"),
+        "deep": (deep, "unsupported pixel type uint16"),
         "dir": (d, "unreadable"),
     }
 
@@ -128,6 +128,15 @@ def test_read_frame_bad_inputs(tmp_path: Path) -> None:
         assert info.value.path == path, name
         assert reason in info.value.reason, (name, info.value.reason)
         assert str(path) in str(info.value)
+
+
+def test_gray_and_alpha_frames_become_rgb(tmp_path: Path) -> None:
+    gray = np.tile(np.arange(SRC_W, dtype=np.uint8), (SRC_H, 1))
+    cv2.imwrite(str(tmp_path / "gray.png"), gray)
+    cv2.imwrite(str(tmp_path / "bgra.png"), np.dstack([gray, gray, gray, np.full_like(gray, 7)]))
+    expected = cv2.resize(np.dstack([gray] * 3), (W, H), interpolation=cv2.INTER_AREA)
+    for name in ("gray.png", "bgra.png"):
+        np.testing.assert_array_equal(read_frame(tmp_path / name, W, H, orig_size=(SRC_W, SRC_H)), expected)
 
 
 def test_bad_frames_reported_rows_zero(tmp_path: Path) -> None:

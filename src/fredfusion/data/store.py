@@ -115,8 +115,12 @@ def read_frame(path: Path, width: int, height: int, orig_size: tuple[int, int] |
     if img.dtype != np.uint8:
         raise BadFrameError(path, f"unsupported pixel type {img.dtype} (expected 8-bit)")
     channels = 1 if img.ndim == 2 else img.shape[2]
-    if channels != 3:
-        raise BadFrameError(path, f"wrong channel count {channels} (expected 3)")
+    if channels == 1:  # grayscale event frames in some copies: replicate to 3 channels
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    elif channels == 4:  # PNG with alpha: the alpha plane is dropped
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    elif channels != 3:
+        raise BadFrameError(path, f"wrong channel count {channels} (expected 1, 3 or 4)")
     h, w = img.shape[:2]
     if orig_size is not None and (w, h) != (int(orig_size[0]), int(orig_size[1])):
         raise BadFrameError(path, f"wrong size {w}x{h} (expected {orig_size[0]}x{orig_size[1]})")
