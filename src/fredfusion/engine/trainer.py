@@ -257,17 +257,13 @@ class Trainer:
         if cfg.quick_test:
             end_epoch = cfg.init_epoch + 1
         _first_frozen, first_batch = self._phase(cfg.init_epoch)
-        optimizer = build_optimizer(
-            model,
-            cfg.optimizer,
-            scaled_lr(cfg.init_lr, first_batch, cfg.optimizer, cfg.nominal_batch),
-            cfg.momentum,
-            cfg.weight_decay,
-        )
-        scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        ema = ModelEMA(model) if cfg.ema else None
-        loss_fn = YoloLoss(unwrap(model).anchors, unwrap(model).strides, 1, self._loss_config())
-        schedule = LRSchedule(
+        first_lr = scaled_lr(cfg.init_lr, first_batch, cfg.optimizer, cfg.nominal_batch)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optimizer, first_lr, cfg.momentum, cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.ema = ModelEMA(model) if cfg.ema else None
+        self.loss_fn = YoloLoss(model.anchors, model.strides, 1, self._loss_config())
+        self.schedule = LRSchedule(
             total_epochs=float(end_epoch - cfg.init_epoch if cfg.quick_test else end_epoch),
             warmup_epochs=cfg.warmup_epochs,
             min_lr_ratio=cfg.min_lr_ratio,
@@ -275,7 +271,7 @@ class Trainer:
         )
         state = {"epoch": cfg.init_epoch, "best": None, "best_epoch": None}
         if cfg.resume:
-            self._resume(model, ema, optimizer, scaler, state)
+            self._resume(state)
         if self.dist.main:
             save_config(cfg, self.run_dir / "config.yaml")
             self.log("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
@@ -286,7 +282,7 @@ class Trainer:
                 + ("validation loss" if self.val_set is not None else "training loss")
             )
 
-        aug_cfg = AugmentConfig(
+        self.aug_cfg = AugmentConfig(
             mosaic=cfg.mosaic,
             mosaic_prob=cfg.mosaic_prob,
             mixup=cfg.mixup,
@@ -317,23 +313,8 @@ class Trainer:
                     f"batch {batch}, base lr {base_lr:.2e}"
                 )
             special = epoch < cfg.special_aug_ratio * end_epoch
-            stats = self._train_epoch(
-                epoch,
-                end_epoch,
-                wrapped,
-                model,
-                frozen,
-                loader,
-                optimizer,
-                scaler,
-                ema,
-                loss_fn,
-                schedule,
-                base_lr,
-                aug_cfg,
-                special,
-            )
-            summary = self._end_epoch(epoch, end_epoch, model, ema, optimizer, scaler, loss_fn, state, stats)
+            stats = self._train_epoch(epoch, end_epoch, wrapped, frozen, loader, base_lr, special)
+            summary = self._end_epoch(epoch, end_epoch, state, stats)
         if self.dist.main:
             self.run_log.close()
             if cfg.quick_test:
@@ -345,22 +326,17 @@ class Trainer:
 
     def _train_epoch(
         self,
-        epoch,
-        end_epoch,
-        wrapped,
-        model,
-        frozen,
-        loader,
-        optimizer,
-        scaler,
-        ema,
-        loss_fn,
-        schedule,
-        base_lr,
-        aug_cfg,
-        special,
+        epoch: int,
+        end_epoch: int,
+        wrapped: nn.Module,
+        frozen: bool,
+        loader: BatchLoader,
+        base_lr: float,
+        special: bool,
     ) -> dict[str, float]:
         cfg = self.cfg
+        model, ema, optimizer, scaler = self.model, self.ema, self.optimizer, self.scaler
+        loss_fn, schedule, aug_cfg = self.loss_fn, self.schedule, self.aug_cfg
         self._train_mode(unwrap(model), frozen)
         loader.set_epoch(epoch)
         generator = torch.Generator(device=self.device)
@@ -463,9 +439,10 @@ class Trainer:
         }
 
     def _end_epoch(
-        self, epoch, end_epoch, model, ema, optimizer, scaler, loss_fn, state, stats
+        self, epoch: int, end_epoch: int, state: dict[str, Any], stats: dict[str, Any]
     ) -> dict[str, Any]:
         cfg = self.cfg
+        model, ema, loss_fn = self.model, self.ema, self.loss_fn
         last = epoch + 1 == end_epoch
         row: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -520,7 +497,7 @@ class Trainer:
                 {f"val/{k}": row.get(k) for k in ("mAP50", "mAP50_95", "val_loss")}, epoch + 1
             )
             self.run_log.epoch_row(row)
-            self._save(epoch, model, ema, optimizer, scaler, state, row)
+            self._save(epoch, state, row)
         if self.dist.world_size > 1:
             torch.distributed.barrier()
         summary = dict(row)
@@ -541,8 +518,9 @@ class Trainer:
         loss = row.get("val_loss") if row.get("val_loss") is not None else row.get("train_loss")
         return None if loss is None or not math.isfinite(loss) else -float(loss)
 
-    def _save(self, epoch, model, ema, optimizer, scaler, state, row) -> None:
+    def _save(self, epoch: int, state: dict[str, Any], row: dict[str, Any]) -> None:
         cfg = self.cfg
+        model, ema, optimizer, scaler = self.model, self.ema, self.optimizer, self.scaler
         meta = model_meta(unwrap(model))
         score = self._score(row)
         if score is not None and (state["best"] is None or score > state["best"]):
@@ -578,7 +556,8 @@ class Trainer:
         if cfg.save_period > 0 and (epoch + 1) % cfg.save_period == 0:
             shutil.copyfile(self.run_dir / "last.pth", self.run_dir / f"ep{epoch + 1:03d}.pth")
 
-    def _resume(self, model, ema, optimizer, scaler, state) -> None:
+    def _resume(self, state: dict[str, Any]) -> None:
+        model, ema, optimizer, scaler = self.model, self.ema, self.optimizer, self.scaler
         path = self.run_dir / "last.pth"
         if not path.is_file():
             raise SystemExit(f"--resume: {path} not found (nothing to resume in {self.run_dir})")
