@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import time
@@ -404,7 +405,13 @@ def _run_jobs(
             for task in tasks:
                 done(_decode_into(task))
         else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+            # forkserver/spawn, never fork: a child forked from a parent whose OpenCV/torch thread pools
+            # are running can deadlock (seen when prepare ran after synth in the same process)
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            context = multiprocessing.get_context(method)
+            with ProcessPoolExecutor(
+                max_workers=workers, initializer=_worker_init, mp_context=context
+            ) as pool:
                 pending: set[Future] = set()
                 for task in tasks:
                     pending.add(pool.submit(_decode_into, task))
