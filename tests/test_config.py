@@ -78,3 +78,9 @@ def test_freeze_training_means_freeze_phase_only() -> None:
     trainer = Trainer(cfg)
     assert trainer._phase(0) == (True, cfg.freeze_batch_size)
     assert trainer._phase(3) == (False, cfg.unfreeze_batch_size)
+
+
+def test_example_config_in_the_repo_loads() -> None:
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "fred_dual_s.yaml")
+    assert (cfg.modality, cfg.model, cfg.freeze_epoch, cfg.unfreeze_epoch) == ("dual", "s", 50, 300)
+    assert cfg.input_shape == [384, 640] and cfg.min_lr_ratio == pytest.approx(0.01)
