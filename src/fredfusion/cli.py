@@ -94,15 +94,6 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def _flag_type(name: str) -> Any:
-    kind = typing.get_type_hints(TrainConfig)[name]
-    if kind is bool:
-        return parse_bool
-    if kind in (int, float):
-        return kind
-    return str
-
-
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per config field (snake_case, dashed and the seed's spelling all accepted)."""
     p.add_argument("--config", type=Path, default=None, help="YAML file; flags override it")
@@ -110,20 +101,25 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     for alias, target in ALIASES.items():
         if target is not None:
             seed_names.setdefault(target, []).append(alias)
-    for name, fld in FIELDS.items():
+    defaults = TrainConfig()
+    hints = typing.get_type_hints(TrainConfig)
+    for name in FIELDS:
         spellings = [f"--{name}"]
         if "_" in name:
             spellings.append(f"--{name.replace('_', '-')}")
         spellings += [f"--{a}" for a in seed_names.get(name, [])]
-        default = fld.default if fld.default is not dataclasses_missing() else fld.default_factory()
-        kind = typing.get_type_hints(TrainConfig)[name]
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f"(default: {default})"}
+        kind = hints[name]
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "default": argparse.SUPPRESS,
+            "help": f"(default: {getattr(defaults, name)})",
+        }
         if kind is bool:
             kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
         elif name == "input_shape":
             kwargs.update(nargs=2, type=int, metavar=("H", "W"))
         else:
-            kwargs.update(type=_flag_type(name))
+            kwargs.update(type=kind if kind in (int, float) else str)
         p.add_argument(*spellings, **kwargs)
     p.add_argument(
         "--no_fp16",
@@ -149,12 +145,6 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="input width; height = 16:9 rounded to 32",
     )
-
-
-def dataclasses_missing() -> Any:
-    import dataclasses
-
-    return dataclasses.MISSING
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
