@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fredfusion.cli import build_parser, config_from_args
 from fredfusion.config import ConfigError, TrainConfig, apply_overrides, load_config, save_config
@@ -84,3 +85,45 @@ def test_example_config_in_the_repo_loads() -> None:
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "fred_dual_s.yaml")
     assert (cfg.modality, cfg.model, cfg.freeze_epoch, cfg.unfreeze_epoch) == ("dual", "s", 50, 300)
     assert cfg.input_shape == [384, 640] and cfg.min_lr_ratio == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"data": None}, "data"),
+        ({"input_shape": [384, 640.5]}, "input_shape"),
+        ({"input_shape": {"h": 384}}, "input_shape"),
+        ({"batch_size": "many"}, "batch_size"),
+        ({"imgsz": 640.5}, "imgsz"),
+        ({"Min_lr": "low"}, "Min_lr"),
+        ({"eval_flag": "maybe"}, "eval_flag"),
+        ({"fp16": 3}, "fp16"),
+        ({"init_lr": None}, "init_lr"),
+        ({"init_lr": 0}, "init_lr"),
+        ({"momentum": 1.5}, "momentum"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"max_bad_steps": 0}, "max_bad_steps"),
+        ({"max_bad_steps": 2.5}, "max_bad_steps"),
+        ({"max_bad_frame_share": 1.5}, "max_bad_frame_share"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+    ],
+)
+def test_wrong_types_and_values_name_the_key_and_file(tmp_path: Path, values: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        apply_overrides(TrainConfig(), values)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=rf"^{key}: .* in {path}$"):
+        load_config(path)
+
+
+def test_fault_settings_load_and_save_errors_name_the_file(tmp_path: Path) -> None:
+    assert (TrainConfig().max_bad_steps, TrainConfig().max_bad_frame_share) == (10, 0.01)
+    path = tmp_path / "c.yaml"
+    path.write_text("max_bad_steps: 3\nmax_bad_frame_share: 0.2\n")
+    cfg = load_config(path)
+    assert (cfg.max_bad_steps, cfg.max_bad_frame_share) == (3, 0.2)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"file/run/config\.yaml: cannot write config"):
+        save_config(cfg, blocker / "run" / "config.yaml")

@@ -1,4 +1,4 @@
-"""The `fredfusion` command: synth, prepare, train, eval, predict, show, export, demo."""
+"""The `fredfusion` command: synth, prepare, train, eval, predict, show, export, demo, bench."""
 
 from __future__ import annotations
 
@@ -243,6 +243,57 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- bench
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure store read, augment, model step, end-to-end and eval rates; name the bottleneck",
+    )
+    p.add_argument("--data", type=Path, default=Path("datasets/fred_coco"), help="prepared folder")
+    p.add_argument("--modality", choices=("rgb", "event", "dual"), default="dual")
+    p.add_argument("--model", choices=("n", "s", "m", "l", "x"), default="s")
+    p.add_argument("--fusion", choices=("concat", "attention", "early"), default="concat")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--eval-batch", type=int, default=None, help="default: --batch")
+    p.add_argument("--steps", type=int, default=20, help="timed iterations per part")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations before each part")
+    p.add_argument("--input-shape", type=int, nargs=2, default=[384, 640], metavar=("H", "W"))
+    p.add_argument("--workers", type=int, default=2, help="loader worker processes")
+    p.add_argument("--device", default="", help="default: cuda when available, else cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder of bench.json")
+    p.add_argument(
+        "--skip", nargs="+", default=[], metavar="PART", help="parts to skip: read augment step train eval"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from fredfusion.bench import run_bench as bench
+
+    bench(
+        args.data,
+        modality=args.modality,
+        model=args.model,
+        batch=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        input_hw=tuple(args.input_shape),
+        workers=args.workers,
+        device=args.device,
+        compile=args.compile,
+        out=args.out,
+        skip=args.skip,
+        eval_batch=args.eval_batch,
+        fusion=args.fusion,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fredfusion", description=__doc__)
@@ -258,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         show.add_parser,
         export.add_parser,
         add_demo,
+        add_bench,
     ):
         add(sub)
     return parser

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,7 +89,9 @@ class TrainConfig:
     quick_test: bool = False
     quick_test_batches: int = 100
     log_interval: int = 10
-    max_bad_frame_share: float = 0.01
+    # faults: the run goes on through these, and stops with a message beyond them
+    max_bad_frame_share: float = 0.01  # share of an epoch's train images that may be unreadable (skipped)
+    max_bad_steps: int = 10  # consecutive steps with a non-finite (NaN/inf) loss or gradient
 
     def run_dir(self) -> Path:
         """Folder of this run's logs and checkpoints."""
@@ -150,15 +154,22 @@ def _field_type(name: str) -> Any:
     return hints[name]
 
 
-def _coerce(name: str, value: Any) -> Any:
-    kind = _field_type(name)
+def _as_int(value: Any) -> int:
+    if value is None or isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _coerce(name: str, value: Any, kind: Any = None) -> Any:
+    """``value`` converted to the type of field ``name`` (or ``kind``); ConfigError naming the key."""
+    kind = _field_type(name) if kind is None else kind
     try:
+        if value is None:
+            raise ValueError("a value is required (got null)")
         if kind is bool:
             return parse_bool(value)
         if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(f"expected an integer, got {value!r}")
-            return int(value)
+            return _as_int(value)
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError(f"expected a number, got {value!r}")
@@ -172,7 +183,7 @@ def _coerce(name: str, value: Any) -> Any:
                 value = [v for v in value.replace("x", ",").replace(" ", ",").split(",") if v]
             if not isinstance(value, (list, tuple)):
                 raise ValueError(f"expected a list, got {value!r}")
-            return [int(v) for v in value]
+            return [_as_int(v) for v in value]
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: {exc}") from None
     return value
@@ -216,16 +227,62 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str = "") 
 
 def _special(key: str, value: Any, current: dict[str, Any]) -> dict[str, Any]:
     if key == "eval_flag":
-        return {"no_eval_map": not parse_bool(value)}
+        return {"no_eval_map": not _coerce(key, value, bool)}
     if key == "imgsz":
-        width = _coerce("nominal_batch", value)
+        width = _coerce(key, value, int)
         return {"input_shape": [round(width * 9 / 16 / 32) * 32, width]}
     if key == "Min_lr":
-        return {"min_lr_ratio": float(value) / float(current["init_lr"])}
+        return {"min_lr_ratio": _coerce(key, value, float) / float(current["init_lr"])}
     if key == "batch_size":
-        size = _coerce("nominal_batch", value)
+        size = _coerce(key, value, int)
         return {"freeze_batch_size": size, "unfreeze_batch_size": size}
     raise ConfigError(f"unknown config key '{key}'")
+
+
+# (fields, lowest, highest) allowed values
+RANGES: tuple[tuple[tuple[str, ...], float, float], ...] = (
+    (
+        (
+            "freeze_batch_size",
+            "unfreeze_batch_size",
+            "eval_period",
+            "log_interval",
+            "nominal_batch",
+            "eval_batch_size",
+            "prefetch_factor",
+            "quick_test_batches",
+            "max_bad_steps",
+        ),
+        1,
+        math.inf,
+    ),
+    (
+        ("num_workers", "precise_bn", "save_period", "seed", "weight_decay", "warmup_epochs", "scale"),
+        0,
+        math.inf,
+    ),
+    (
+        (
+            "mosaic_prob",
+            "mixup_prob",
+            "special_aug_ratio",
+            "fliplr",
+            "max_bad_frame_share",
+            "min_lr_ratio",
+            "momentum",
+            "label_smoothing",
+            "translate",
+            "conf_thres",
+            "nms_iou",
+            "hsv_h",
+            "hsv_s",
+            "hsv_v",
+        ),
+        0.0,
+        1.0,
+    ),
+    (("init_lr",), 0.0, math.inf),
+)
 
 
 def validate(cfg: TrainConfig, source: str = "") -> None:
@@ -236,12 +293,14 @@ def validate(cfg: TrainConfig, source: str = "") -> None:
             raise ConfigError(f"{name}: {getattr(cfg, name)!r} is not one of {', '.join(choices)}{where}")
     if len(cfg.input_shape) != 2 or any(v <= 0 or v % 32 for v in cfg.input_shape):
         raise ConfigError(f"input_shape: {cfg.input_shape} must be [height, width], multiples of 32{where}")
-    for name in ("freeze_batch_size", "unfreeze_batch_size", "eval_period", "log_interval", "nominal_batch"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name}: must be >= 1{where}")
-    for name in ("mosaic_prob", "mixup_prob", "special_aug_ratio", "fliplr", "max_bad_frame_share"):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            raise ConfigError(f"{name}: must be within [0, 1]{where}")
+    for names, low, high in RANGES:
+        for name in names:
+            value = getattr(cfg, name)
+            if not (low <= value <= high and math.isfinite(value)):
+                bound = f"within [{low}, {high}]" if high != math.inf else f">= {low}"
+                raise ConfigError(f"{name}: must be {bound}, got {value}{where}")
+    if cfg.init_lr == 0:
+        raise ConfigError(f"init_lr: must be > 0, got {cfg.init_lr}{where}")
     if cfg.unfreeze_epoch < 1 or cfg.init_epoch < 0 or cfg.freeze_epoch < 0:
         raise ConfigError(f"epochs: need unfreeze_epoch >= 1 and non-negative init/freeze epochs{where}")
 
@@ -274,8 +333,14 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    """Write the effective config as YAML (atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the effective config as YAML (atomically); OSError becomes a ConfigError naming the file."""
+    path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ConfigError(f"{path}: cannot write config ({exc.strerror or exc})") from None

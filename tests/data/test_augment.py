@@ -1,22 +1,31 @@
-"""Tests for batched augmentation: geometry shared by both modalities, boxes, letterbox, HSV."""
+"""Tests for batched augmentation: geometry shared by both modalities, boxes, letterbox, HSV, and a
+training step without host synchronisation."""
 
 from __future__ import annotations
 
 import colorsys
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fredfusion.data.augment import (
+    INVALID_ROW,
     AugmentConfig,
+    _cyclic_partners,
+    _Draw,
     _hsv_jitter,
+    _rows_ok,
     augment_batch,
     hsv_to_rgb,
     letterbox_batch,
     letterbox_params,
     rgb_to_hsv,
+    target_rows,
+    valid_targets,
 )
+from fredfusion.model.loss import YoloLoss
 
 H_IN, W_IN = 72, 128
 OUT = (64, 128)
@@ -65,14 +74,25 @@ def inside(box: torch.Tensor, margin: float, out_hw: tuple[int, int]) -> torch.T
     return (xs >= x1 + margin) & (xs <= x2 - margin) & (ys >= y1 + margin) & (ys <= y2 - margin)
 
 
-def check_targets_valid(t: torch.Tensor, b: int, out_hw: tuple[int, int], min_size: float) -> None:
+def check_targets_valid(
+    t: torch.Tensor, b: int, out_hw: tuple[int, int], min_size: float, rows: int | None = None
+) -> torch.Tensor:
+    """Check the layout of augmented targets (``rows`` rows: boxes sorted by image, then invalid
+    rows) and every box; return the rows that hold a box."""
     assert t.dim() == 2 and t.shape[1] == 6 and t.dtype == torch.float32
-    idx = t[:, 0]
+    if rows is not None:
+        assert t.shape[0] == rows
+    v = valid_targets(t)
+    n = v.shape[0]
+    assert torch.equal(t[:n], v)  # boxes first
+    assert torch.equal(t[n:], torch.tensor(INVALID_ROW).expand(t.shape[0] - n, 6))
+    idx = v[:, 0]
     assert torch.equal(idx, idx.round()) and bool((idx >= 0).all()) and bool((idx < b).all())
-    assert bool((t[:, 2] >= 0).all()) and bool((t[:, 3] >= 0).all())
-    assert bool((t[:, 4] <= out_hw[1]).all()) and bool((t[:, 5] <= out_hw[0]).all())
-    assert bool((t[:, 4] - t[:, 2] >= min_size).all()) and bool((t[:, 5] - t[:, 3] >= min_size).all())
+    assert bool((v[:, 2] >= 0).all()) and bool((v[:, 3] >= 0).all())
+    assert bool((v[:, 4] <= out_hw[1]).all()) and bool((v[:, 5] <= out_hw[0]).all())
+    assert bool((v[:, 4] - v[:, 2] >= min_size).all()) and bool((v[:, 5] - v[:, 3] >= min_size).all())
     assert torch.equal(idx, idx.sort().values)
+    return v
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -85,7 +105,7 @@ def test_alignment_mosaic_flip_scale(seed: int) -> None:
     assert out_rgb.shape == (b, 3, *OUT) and out_ev.shape == (b, 3, *OUT)
     assert out_rgb.dtype == torch.float32 and out_rgb.is_contiguous() and out_ev.is_contiguous()
     assert float(out_rgb.min()) >= 0 and float(out_rgb.max()) <= 1
-    check_targets_valid(t, b, OUT, cfg.min_box_size)
+    t = check_targets_valid(t, b, OUT, cfg.min_box_size, rows=4 * b)
     assert t.shape[0] > 0
     # red - green in RGB is the rectangle coverage (fill grey and background cancel), green in event
     rgb_mask = out_rgb[:, 0] - out_rgb[:, 1]
@@ -109,7 +129,7 @@ def test_alignment_with_mixup_and_rotation() -> None:
     rgb, event, targets = rect_batch(b)
     cfg = AugmentConfig(mosaic_prob=0.7, mixup_prob=1.0, degrees=20, shear=5, hsv_h=0, hsv_s=0, hsv_v=0)
     out_rgb, out_ev, t = augment_batch(rgb, event, targets, OUT, cfg, generator=gen(3))
-    check_targets_valid(t, b, OUT, cfg.min_box_size)
+    check_targets_valid(t, b, OUT, cfg.min_box_size, rows=8 * b)
     torch.testing.assert_close(out_rgb[:, 0] - out_rgb[:, 1], out_ev[:, 1], atol=1e-5, rtol=0)
 
 
@@ -120,6 +140,7 @@ def test_mixup_blends_both_modalities_with_same_lambda() -> None:
         mosaic=False, mixup_prob=1.0, translate=0, scale=0, fliplr=0, hsv_h=0, hsv_s=0, hsv_v=0
     )
     out_rgb, out_ev, t = augment_batch(rgb, event, targets, OUT, cfg, generator=gen(5))
+    t = check_targets_valid(t, b, OUT, cfg.min_box_size, rows=2 * b)
     lb_rgb, lb_ev, lb_t, _, _ = letterbox_batch(rgb, event, OUT, targets)
     for i in range(b):
         rows = t[t[:, 0] == i]
@@ -140,6 +161,38 @@ def test_mixup_blends_both_modalities_with_same_lambda() -> None:
         assert 0.2 < lams[0] < 0.8  # Beta(32, 32)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mixup_rows_follow_the_blended_images(seed: int) -> None:
+    """Each sample holds its own box plus, only when its image is a blend, the box of the image blended
+    in (found from the pixels); every image is blended into at most one sample."""
+    b = 7
+    rgb, event, targets = rect_batch(b)
+    cfg = AugmentConfig(**{**NO_AUG, "mixup": True, "mixup_prob": 0.5})
+    _, out_ev, t = augment_batch(rgb, event, targets, OUT, cfg, generator=gen(seed))
+    t = check_targets_valid(t, b, OUT, cfg.min_box_size, rows=2 * b)
+    _, lb_ev, lb_t, _, _ = letterbox_batch(rgb, event, OUT, targets)
+    lenders = []
+    for i in range(b):
+        expected = [lb_t[i]]
+        if not torch.allclose(out_ev[i], lb_ev[i], atol=1e-5):
+            fits = []
+            for j in range(b):
+                d = lb_ev[i] - lb_ev[j]
+                if j == i or float((d * d).sum()) == 0:
+                    continue
+                lam = float(((out_ev[i] - lb_ev[j]) * d).sum() / (d * d).sum())
+                if torch.allclose(out_ev[i], lam * lb_ev[i] + (1 - lam) * lb_ev[j], atol=1e-4):
+                    fits.append(j)
+            assert len(fits) == 1
+            lenders.append(fits[0])
+            expected.append(lb_t[fits[0]])
+        rows = t[t[:, 0] == i]
+        expected = torch.stack(expected)
+        expected[:, 0] = i
+        torch.testing.assert_close(rows[rows[:, 1].argsort()], expected[expected[:, 1].argsort()])
+    assert 0 < len(lenders) < b and len(set(lenders)) == len(lenders)
+
+
 def test_mosaic_tiles_show_the_right_images() -> None:
     b = 4
     rgb_levels = [20, 70, 170, 230]
@@ -147,9 +200,11 @@ def test_mosaic_tiles_show_the_right_images() -> None:
     rgb = torch.tensor(rgb_levels, dtype=torch.uint8).view(b, 1, 1, 1).expand(b, 3, H_IN, W_IN).contiguous()
     event = torch.tensor(ev_levels, dtype=torch.uint8).view(b, 1, 1, 1).expand(b, 3, H_IN, W_IN).contiguous()
     targets = torch.tensor([[i, i, 10, 8, 118, 64] for i in range(b)], dtype=torch.float32)
-    cfg = AugmentConfig(mosaic_prob=1.0, mixup=False, hsv_h=0, hsv_s=0, hsv_v=0)
+    # no zoom, no shift: the output window (144 canvas px wide) around a Mosaic centre in [64, 192]
+    # always crosses the vertical tile border at x = 128, so every output shows >= 2 images
+    cfg = AugmentConfig(mosaic_prob=1.0, mixup=False, scale=0.0, translate=0.0, hsv_h=0, hsv_s=0, hsv_v=0)
     out_rgb, out_ev, t = augment_batch(rgb, event, targets, OUT, cfg, generator=gen(7))
-    check_targets_valid(t, b, OUT, cfg.min_box_size)
+    t = check_targets_valid(t, b, OUT, cfg.min_box_size, rows=4 * b)
     seen_other = False
     for row in t:
         i, k = int(row[0]), int(row[1])
@@ -179,7 +234,7 @@ def test_small_batches_mosaic_with_replacement(b: int) -> None:
     cfg = AugmentConfig(mosaic_prob=1.0, mixup_prob=1.0)
     out_rgb, out_ev, t = augment_batch(rgb, event, targets, OUT, cfg, generator=gen(b))
     assert out_rgb.shape == (b, 3, *OUT) and out_ev.shape == (b, 3, *OUT)
-    check_targets_valid(t, b, OUT, cfg.min_box_size)
+    check_targets_valid(t, b, OUT, cfg.min_box_size, rows=b * 4 * (2 if b > 1 else 1))
     assert bool(torch.isfinite(out_rgb).all()) and bool(torch.isfinite(out_ev).all())
 
 
@@ -201,12 +256,15 @@ def test_boxes_clipped_and_small_or_mostly_clipped_dropped() -> None:
     expected = torch.tensor(
         [[1, 0, 0, 10, 20, 30], [1, 0, 100, 50, 128, 72], [1, 0, 30, 30, 40, 40]], dtype=torch.float32
     )
-    torch.testing.assert_close(t, expected, atol=1e-4, rtol=0)
+    # the dropped boxes stay as invalid rows at the end: the row count is that of the input
+    torch.testing.assert_close(t[:3], expected, atol=1e-4, rtol=0)
+    assert torch.equal(t[3:], torch.tensor([INVALID_ROW] * 3))
+    torch.testing.assert_close(valid_targets(t), expected, atol=1e-4, rtol=0)
     # min_box_size is measured at the output size: half-size output halves the boxes
     targets = torch.tensor([[0, 0, 40, 20, 43, 23], [0, 0, 60, 20, 64, 24]], dtype=torch.float32)
     _, _, t = augment_batch(rgb, event, targets, (36, 64), cfg)
     torch.testing.assert_close(
-        t, torch.tensor([[0, 0, 30, 10, 32, 12]], dtype=torch.float32), atol=1e-4, rtol=0
+        t, torch.tensor([[0, 0, 30, 10, 32, 12], INVALID_ROW], dtype=torch.float32), atol=1e-4, rtol=0
     )
 
 
@@ -271,7 +329,7 @@ def test_rotated_boxes_contain_their_rectangles() -> None:
     rgb, event, targets = rect_batch(4)
     cfg = AugmentConfig(**{**NO_AUG, "degrees": 40.0, "scale": 0.3})
     _, out_ev, t = augment_batch(rgb, event, targets, OUT, cfg, generator=gen(11))
-    check_targets_valid(t, 4, OUT, cfg.min_box_size)
+    t = check_targets_valid(t, 4, OUT, cfg.min_box_size, rows=4)
     mask = out_ev[:, 1]
     for i in range(4):
         rows = t[t[:, 0] == i]
@@ -362,6 +420,42 @@ def test_single_modality_matches_pair() -> None:
     assert torch.equal(t, pt)
 
 
+def test_samples_without_mosaic_match_a_batch_without_mosaic() -> None:
+    """In a Mosaic batch, the samples not drawn for Mosaic sample their own image with grey padding
+    (empty canvas tiles = fill) exactly as with Mosaic switched off; the random draws are the same."""
+    b = 6
+    rgb, event, targets = rect_batch(b)
+    cfg = AugmentConfig(mosaic_prob=0.5, mixup=False, degrees=5, hsv_h=0, hsv_s=0, hsv_v=0)
+    on = augment_batch(rgb, event, targets, OUT, cfg, generator=gen(2))
+    off = augment_batch(rgb, event, targets, OUT, replace(cfg, mosaic=False), generator=gen(2))
+    same = [
+        i
+        for i in range(b)
+        if torch.allclose(on[0][i], off[0][i], atol=1e-4) and torch.allclose(on[1][i], off[1][i], atol=1e-4)
+    ]
+    assert 0 < len(same) < b
+    assert any(bool(((on[0][i] - GREY).abs() < 1e-6).any()) for i in same)  # padding is visible
+    t_on, t_off = valid_targets(on[2]), valid_targets(off[2])
+    for i in range(b):
+        rows_on, rows_off = t_on[t_on[:, 0] == i], t_off[t_off[:, 0] == i]
+        if i in same:
+            torch.testing.assert_close(rows_on, rows_off, atol=1e-3, rtol=0)
+        else:  # a Mosaic sample shows (and has boxes of) other images
+            assert bool((rows_on[:, 1] != i).any())
+
+
+def test_channels_last_views_give_the_same_batch() -> None:
+    """The loader passes store frames (B, h, w, 3) as permuted (B, 3, h, w) views."""
+    rgb, event, targets = rect_batch(5)
+    cfg = AugmentConfig(mosaic_prob=0.6, mixup_prob=0.6, degrees=5)
+    ref = augment_batch(rgb, event, targets, OUT, cfg, generator=gen(8))
+    views = [x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for x in (rgb, event)]
+    assert not views[0].is_contiguous()
+    got = augment_batch(*views, targets, OUT, cfg, generator=gen(8))
+    for x, y in zip(got, ref):
+        assert torch.equal(x, y)
+
+
 def test_empty_targets() -> None:
     rgb, event, _ = rect_batch(4)
     out_rgb, _, t = augment_batch(
@@ -389,3 +483,216 @@ def test_bad_input_raises_clear_errors() -> None:
         augment_batch(rgb, event, targets, (0, 128), cfg)
     with pytest.raises(ValueError, match="image indices"):
         letterbox_batch(rgb, event, OUT, targets - torch.tensor([1.0, 0, 0, 0, 0, 0]))
+
+
+# ------------------------------------------------------------------------------------------------
+# static target layout and no host synchronisation
+
+STRIDES = (8, 16, 32)
+ANCHORS = [[[4.0, 4.0], [8.0, 6.0], [12.0, 16.0]], [[16.0, 12.0], [24.0, 24.0], [32.0, 20.0]],
+           [[40.0, 40.0], [60.0, 30.0], [80.0, 60.0]]]  # fmt: skip
+
+
+def _fake_cuda_step(b: int, m: int, cfg: AugmentConfig, special: bool) -> dict:
+    """One training step (augment_batch + YoloLoss) on fake CUDA tensors: shapes only, no data.
+
+    Under ``FakeTensorMode`` every op that needs a tensor's values on the host (``.item()``,
+    ``bool(t)``, ``nonzero``, boolean-mask indexing, ...) raises, so this runs only if the step
+    never synchronises and every shape is known without data. Copies between host and device (which
+    also make the host wait) are recorded. Autograd cannot run on fake CUDA tensors, so the loss
+    backward runs on same-shaped fake CPU tensors.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+
+    class HostDeviceCopies(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.on, self.copies = False, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if self.on and func in (aten._to_copy.default, aten.copy_.default):
+                src, dst = (args[1], args[0]) if func is aten.copy_.default else (args[0], out)
+                if src.device.type != dst.device.type:
+                    self.copies.append(f"{func}: {src.device} -> {dst.device} {tuple(src.shape)}")
+            return out
+
+    with FakeTensorMode(), HostDeviceCopies() as log:
+        dev = torch.device("cuda")
+        rgb = torch.empty((b, 3, 36, 64), dtype=torch.uint8, device=dev)
+        event = torch.empty((b, 3, 36, 64), dtype=torch.uint8, device=dev)
+        targets = torch.empty((m, 6), device=dev)
+        loss_fn = YoloLoss(torch.tensor(ANCHORS), STRIDES, 1)
+        head = torch.zeros((1, 3, 1, 1, 6), device=dev, requires_grad=True)
+
+        def step() -> tuple:
+            r, e, t = augment_batch(rgb, event, targets, OUT, cfg, special=special)
+            preds = [F.avg_pool2d(r + e, s).mean(1)[:, None, :, :, None] * head for s in STRIDES]
+            loss, parts = loss_fn(preds, t)
+            return r, e, t, loss, parts
+
+        loss_fn._constants(targets.device)  # the loss copies its anchors to a new device once
+        log.on = True
+        r, e, t, loss, parts = step()
+        log.on = False
+        head_cpu = torch.zeros((1, 3, 1, 1, 6), requires_grad=True)
+        preds_cpu = [torch.empty((b, 1, OUT[0] // s, OUT[1] // s, 1)) * head_cpu for s in STRIDES]
+        loss_cpu, _ = loss_fn(preds_cpu, torch.empty(t.shape))
+        loss_cpu.backward()
+        return {
+            "rgb": (tuple(r.shape), r.device.type),
+            "event": tuple(e.shape),
+            "targets": (tuple(t.shape), t.device.type),
+            "loss": (tuple(loss.shape), tuple(parts.shape), loss.device.type),
+            "grad": tuple(head_cpu.grad.shape),
+            "copies": log.copies,
+        }
+
+
+@pytest.mark.parametrize(
+    ("special", "mosaic", "mixup", "copies"),
+    [(True, True, True, 8), (False, True, True, 1)],  # every branch: with / without Mosaic and MixUp
+)
+def test_train_step_never_syncs_and_has_static_shapes(
+    special: bool, mosaic: bool, mixup: bool, copies: int
+) -> None:
+    b, m = 6, 5
+    cfg = AugmentConfig(mosaic=mosaic, mixup=mixup, mosaic_prob=0.5, mixup_prob=0.5, degrees=10, shear=2)
+    got = _fake_cuda_step(b, m, cfg, special)
+    assert target_rows(m, b, cfg, special) == m * copies
+    assert got == {
+        "rgb": ((b, 3, *OUT), "cuda"),
+        "event": (b, 3, *OUT),
+        "targets": ((m * copies, 6), "cuda"),
+        "loss": ((), (3,), "cuda"),
+        "grad": (1, 3, 1, 1, 6),
+        "copies": [],
+    }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_runs_with_sync_debug_mode_error() -> None:
+    dev = torch.device("cuda")
+    rgb, event, targets = (x.to(dev) for x in rect_batch(6))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    loss_fn = YoloLoss(torch.tensor(ANCHORS), STRIDES, 1)
+    head = torch.zeros((1, 3, 1, 1, 6), device=dev, requires_grad=True)
+    cfg = AugmentConfig(mosaic_prob=0.5, mixup_prob=0.5, degrees=10)
+
+    def step() -> torch.Tensor:
+        r, e, t = augment_batch(rgb, event, targets, OUT, cfg, generator=gen)
+        preds = [F.avg_pool2d(r + e, s).mean(1)[:, None, :, :, None] * head for s in STRIDES]
+        loss, _ = loss_fn(preds, t)
+        loss.backward()
+        return t
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    check_targets_valid(t.cpu(), 6, OUT, cfg.min_box_size, rows=8 * 6)
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 4, 7])
+def test_partner_maps_are_permutations(b: int) -> None:
+    own = torch.arange(b)
+    for seed in range(3):
+        fwd, inv = _cyclic_partners(_Draw(gen(seed), torch.device("cpu")), b, 3)
+        assert fwd.shape == inv.shape == (3, b)
+        for k in range(3):  # each image is partner k of exactly one sample
+            assert torch.equal(fwd[k].sort().values, own)
+            assert torch.equal(fwd[k][inv[k]], own) and torch.equal(inv[k][fwd[k]], own)
+        if b == 1:
+            assert torch.equal(fwd, torch.zeros((3, 1), dtype=torch.long))
+        else:
+            assert bool((fwd != own).all())  # partners are other images
+        if b > 3:
+            assert all(len(set(fwd[:, s].tolist())) == 3 for s in range(b))  # and all different
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_visible_rectangle_has_a_box(seed: int) -> None:
+    """Mosaic tiles from other images bring their boxes: nothing visible is left without a box."""
+    b = 6
+    rgb, event, targets = rect_batch(b)
+    cfg = AugmentConfig(
+        mosaic_prob=1.0 if seed == 0 else 0.6, mixup=False, degrees=10, hsv_h=0, hsv_s=0, hsv_v=0,
+        min_box_size=0.0, min_box_area_ratio=0.0,
+    )  # fmt: skip
+    _, out_ev, t = augment_batch(rgb, event, targets, OUT, cfg, generator=gen(seed))
+    t = check_targets_valid(t, b, OUT, 0.0, rows=4 * b)
+    sources = set()
+    for i in range(b):
+        covered = torch.zeros(OUT, dtype=torch.bool)
+        for row in t[t[:, 0] == i]:
+            covered |= inside(row[2:], -1.0, OUT)
+            sources.add(int(row[1]))
+        assert vmax(out_ev[i, 1][~covered]) < 0.5
+    assert len(sources) == b
+
+
+def test_invalid_rows_in_and_out() -> None:
+    rgb, event, targets = rect_batch(3)
+    placeholder = torch.tensor([INVALID_ROW, [1, -1, 10, 10, 30, 30], [7, -1, 0, 0, 5, 5]])
+    mixed = torch.cat([targets[:1], placeholder, targets[1:]])
+    # letterbox: same rows in the same order, placeholders as INVALID_ROW
+    _, _, lt, _, _ = letterbox_batch(rgb, event, OUT, mixed)
+    _, _, ref, _, _ = letterbox_batch(rgb, event, OUT, targets)
+    assert lt.shape == (6, 6)
+    assert torch.equal(lt[1:4], torch.tensor([INVALID_ROW] * 3))
+    assert torch.equal(torch.cat([lt[:1], lt[4:]]), ref)
+    # augment: placeholders add only invalid rows
+    cfg = AugmentConfig(mosaic_prob=0.7, mixup_prob=0.7)
+    _, _, t = augment_batch(rgb, event, mixed, OUT, cfg, generator=gen(4))
+    _, _, t_ref = augment_batch(rgb, event, targets, OUT, cfg, generator=gen(4))
+    assert t.shape == (6 * 8, 6) and t_ref.shape == (3 * 8, 6)
+    assert torch.equal(valid_targets(t), valid_targets(t_ref))
+
+
+def test_rows_ok_marks_rows_a_device_batch_cannot_check() -> None:
+    t = torch.tensor(
+        [
+            [0, 0, 1, 1, 5, 5],
+            [2, 3, 1, 1, 5, 5],
+            [3, 0, 1, 1, 5, 5],  # image index out of range for a batch of 3
+            [-1, 0, 1, 1, 5, 5],
+            [1.5, 0, 1, 1, 5, 5],  # not a whole number
+            [float("nan"), 0, 1, 1, 5, 5],
+            [1, -1, 1, 1, 5, 5],  # placeholder class
+            [1, float("nan"), 1, 1, 5, 5],
+        ]
+    )
+    assert _rows_ok(t, 3).tolist() == [True, True, False, False, False, False, False, False]
+
+
+def test_loss_is_the_same_without_the_invalid_rows() -> None:
+    """A consumer that drops the invalid rows (valid_targets) gets the same loss as the training step."""
+    rgb, event, targets = rect_batch(4)
+    _, _, t = augment_batch(rgb, event, targets, OUT, AugmentConfig(mosaic_prob=0.8), generator=gen(1))
+    v = valid_targets(t)
+    assert 0 < v.shape[0] < t.shape[0]
+    loss_fn = YoloLoss(torch.tensor(ANCHORS), STRIDES, 1)
+    g = torch.Generator().manual_seed(0)
+    preds = [torch.randn((4, 3, OUT[0] // s, OUT[1] // s, 6), generator=g) for s in STRIDES]
+    loss_all, parts_all = loss_fn(preds, t)
+    loss_valid, parts_valid = loss_fn(preds, v)
+    assert loss_all.item() == pytest.approx(loss_valid.item(), rel=1e-6)
+    torch.testing.assert_close(parts_all, parts_valid)
+
+
+def test_valid_targets_and_target_rows() -> None:
+    t = torch.tensor([[0, 0, 1, 1, 5, 5], INVALID_ROW, [1, 0, 2, 2, 6, 6]])
+    assert torch.equal(valid_targets(t), t[[0, 2]])
+    assert valid_targets(torch.zeros((0, 6))).shape == (0, 6)
+    with pytest.raises(ValueError, match=r"\(K, 6\)"):
+        valid_targets(torch.zeros(4))
+    cfg = AugmentConfig()
+    assert target_rows(5, 4, cfg) == 40 and target_rows(5, 1, cfg) == 20
+    assert target_rows(5, 4, cfg, special=False) == 5
+    assert target_rows(5, 4, AugmentConfig(mosaic=False)) == 10

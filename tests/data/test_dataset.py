@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fredfusion.data.dataset import PreparedDataset
-from fredfusion.data.store import FrameRecord, build_store
+from fredfusion.data.store import BadFrameError, FrameRecord, build_store
 
 SRC_W, SRC_H = 128, 72
 W, H = 64, 36
@@ -200,3 +200,46 @@ def test_errors(tmp_path: Path) -> None:
     ds.load([1, 2])
     with pytest.raises(FileNotFoundError, match=r"seq_5\.rgb\.u8"):
         ds.load([4])
+
+
+def test_skip_bad_images_from_a_damaged_store_and_on_the_decoding_path(tmp_path: Path) -> None:
+    root = make_prepared(tmp_path)
+    fred, shard = root / "fred", root / "store" / "seq_5.rgb.u8"
+    with open(shard, "r+b") as f:  # sequence 5 (images 4, 5, 6) damaged after prepare
+        f.truncate(0)
+    ds = PreparedDataset(root, "train", pairs="any", skip_bad=True)
+    expected = f"0 bytes, expected {3 * W * H * 3} (truncated or rewritten after prepare)"
+    assert ds.damaged_images() == [
+        (4, str(shard), expected),
+        (5, str(shard), expected),
+        (6, str(shard), expected),
+    ]
+    batch = ds.load([1, 5, 3])
+    assert batch.bad.tolist() == [False, True, False]
+    assert batch.problems == [(5, str(shard), expected)]
+    assert not batch.rgb[1].any() and not batch.event[1].any()  # its intact event frame is dropped too
+    assert batch.boxes[1].shape == (0, 4) and np.allclose(batch.boxes[2], [[1, 2, 4, 6]])
+    assert batch.has_event.tolist() == [True, False, False]
+    assert np.array_equal(batch.rgb[0], _ref(fred / "3/RGB/f1.jpg"))
+    with pytest.raises(OSError, match=r"seq_5\.rgb\.u8: 0 bytes"):
+        ds.load([5], skip_bad=False)
+    assert not PreparedDataset(root, "train").load([1, 2]).bad.any()
+
+    # decoding path: a deleted and a corrupt source frame
+    shutil.rmtree(root / "store")
+    (fred / "3/RGB/f1.jpg").unlink()
+    (fred / "3/RGB/f2.jpg").write_bytes(b"not an image")
+    ds = PreparedDataset(root, "train", pairs="any", skip_bad=True)
+    with pytest.warns(RuntimeWarning, match="decoding frames from"):
+        batch = ds.load([1, 4, 2])
+    assert batch.bad.tolist() == [True, False, True]
+    assert batch.problems == [
+        (1, str(fred / "3/RGB/f1.jpg"), "missing file"),
+        (2, str(fred / "3/RGB/f2.jpg"), "not an image (cannot decode)"),
+    ]
+    assert not batch.rgb[[0, 2]].any() and not batch.event[[0, 2]].any()
+    assert batch.boxes[0].shape == (0, 4)
+    assert np.array_equal(batch.rgb[1], _ref(fred / "5/RGB/f4.jpg"))
+    assert np.array_equal(batch.event[1], _ref(fred / "5/Event/Frames/f4.png"))
+    with pytest.raises(BadFrameError, match=r"f1\.jpg: missing file"):
+        ds.load([1], skip_bad=False)

@@ -159,12 +159,46 @@ def test_read_sequence_rejects_non_id_folder(tmp_path: Path) -> None:
         read_sequence(tmp_path / "abc", tmp_path)
 
 
-def test_empty_annotation_file_is_fine(tmp_path: Path) -> None:
-    seq = read_sequence(make_seq(tmp_path / "0", ann=""), tmp_path)
-    assert seq.n_boxes == 0
-    assert len(seq.problems) == 2  # only the missing RGB and event folders
-    assert not any("no annotation file" in p for p in seq.problems)
-    assert seq.annotation_file == "0/coordinates.txt"
+def test_empty_annotation_file_is_background_with_a_note(tmp_path: Path) -> None:
+    for ann in ("", "# only a comment\n\n  \n"):
+        seq = read_sequence(make_seq(tmp_path / "0", ann=ann), tmp_path)
+        assert seq.n_boxes == 0 and seq.boxes.shape == (0, 4)
+        assert len(seq.problems) == 3  # the missing RGB and event folders, and the note
+        path = tmp_path.absolute() / "0" / "coordinates.txt"
+        assert seq.problems[2] == f"{path}: annotation file has no box lines; all frames are background"
+        assert not any("no annotation file" in p for p in seq.problems)
+        assert seq.annotation_file == "0/coordinates.txt"
+
+
+def test_unreadable_annotation_file_is_reported(tmp_path: Path) -> None:
+    d = make_seq(tmp_path / "0", ann=None)
+    (d / "coordinates.txt").mkdir()  # a folder where the file should be: open() fails
+    seq = read_sequence(d, tmp_path)
+    assert seq.n_boxes == 0 and seq.annotation_file is None
+    assert any(p.startswith(f"{d / 'coordinates.txt'}: cannot read") for p in seq.problems)
+    assert any("no annotation file" in p for p in seq.problems)
+
+
+def test_duplicate_frame_times_are_reported(tmp_path: Path) -> None:
+    rgb = ["Video_3_10_00_00.100000.jpg", "10_00_00.100000.jpg", "Video_3_10_00_00.133000.jpg"]
+    event = ["Video_3_frame_33333.png", "Video_3_33333.png", "Video_3_frame_66666.png"]
+    seq = read_sequence(make_seq(tmp_path / "3", rgb_names=rgb, event_names=event), tmp_path)
+    assert len(seq.rgb_files) == 3 and len(seq.event_files) == 3
+    assert any("1 RGB frame(s) share a time stamp" in p for p in seq.problems)
+    assert any("1 event frame(s) share a time stamp" in p for p in seq.problems)
+
+
+def test_odd_names_are_not_sequences_or_frames(tmp_path: Path) -> None:
+    make_seq(tmp_path / "\u0663")  # ARABIC-INDIC DIGIT THREE: int() would read it as 3
+    make_seq(tmp_path / "7")
+    touch(tmp_path / "\u0665.zip")
+    assert list(scan_root(tmp_path).sequences) == [7] and scan_root(tmp_path).zipped == []
+    names = ["Video_7_\u0661\u0660_00_00.000000.jpg", "Video_7_10_00_00.000000.jpg\n"]
+    events = ["Video_7_frame_" + "9" * 19 + ".png", "Video_7_frame_\u0663\u0663.png"]
+    seq = read_sequence(make_seq(tmp_path / "7", rgb_names=names, event_names=events), tmp_path)
+    assert seq.rgb_files == [] and seq.event_files == []
+    assert any("2 file name(s) not recognised as RGB" in p for p in seq.problems)
+    assert any("2 file name(s) not recognised as event" in p for p in seq.problems)
 
 
 # --------------------------------------------------------------------------------- parse_annotations
@@ -191,7 +225,7 @@ def test_parse_columns_optional_and_several_per_time() -> None:
 def test_parse_clip_and_drop_empty() -> None:
     text = (
         "1.0: -10, 5, 30, 40, 1\n"  # clipped x1 -> 0
-        "1.0: 1270, 700, 1300, 730, 1\n"  # clipped x2, y2
+        "1.0: 1270, 700, 1300, 730, 2\n"  # clipped x2, y2
         "2.0: 1290, 10, 1300, 20, 1\n"  # fully outside: empty after clipping
         "3.0: 50, 50, 50, 60, 1\n"  # zero width: empty
         "4.0: 0, 0, 1280, 720, 1\n"  # touches the border: not clipped
@@ -243,3 +277,73 @@ def test_rgb_times_across_midnight(tmp_path: Path) -> None:
     seq = read_sequence(make_seq(tmp_path / "6", rgb_names=names), tmp_path)
     assert seq.rgb_files == ["6/RGB/Video_6_23_59_59.990000.jpg", "6/RGB/Video_6_00_00_00.023000.jpg"]
     np.testing.assert_allclose(np.diff(seq.rgb_t), [0.033], atol=1e-9)
+
+
+# ------------------------------------------------------------ each kind of bad annotation, by line
+
+
+def _one(text: str, width: int = 1280, height: int = 720):  # type: ignore[no-untyped-def]
+    return parse_annotations(text.encode(), "/d/c.txt", width, height)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("1.0 1, 2, 3, 4", "malformed line (expected"),
+        ("1.0: 1; 2; 3; 4", "malformed line (expected"),
+        ("1.0: 1, 2, 3, four", "not a number"),
+        ("nan: 1, 2, 3, 4", "NaN or infinite value"),
+        ("1.0: 1, NaN, 3, 4", "NaN or infinite value"),
+        ("1.0: 1, 2, -inf, 4", "NaN or infinite value"),
+        ("-0.5: 1, 2, 3, 4", "negative time -0.5"),
+        ("1.0: 30, 2, 10, 4", "x2 < x1 or y2 < y1"),
+        ("1.0: 1, 40, 3, 4", "x2 < x1 or y2 < y1"),
+        ("1.0: -30, -20, -10, -5", "box outside the 1280x720 frame; dropped"),
+        ("1.0: 1300, 10, 1400, 20", "box outside the 1280x720 frame; dropped"),
+        ("1.0: 10, 730, 20, 740", "box outside the 1280x720 frame; dropped"),
+        ("1.0: 10, 10, 10, 20", "box empty (zero width or height); dropped"),
+        ("1.0: 1, 2, 3, 4, 99999999999999999999, DJI", "track id 99999999999999999999 out of range"),
+        ("1.0: 1, 2, 3, 4, 1e30, DJI", "out of range"),
+        ("1.0: 1, 2, 3, 4, x1, DJI", "track id 'x1' is not an integer"),
+    ],
+)
+def test_each_bad_line_is_reported_and_skipped(line: str, reason: str) -> None:
+    a = _one(f"0.5: 5, 5, 9, 9, 1\n{line}\n0.7: 5, 5, 9, 9, 1\n")
+    np.testing.assert_allclose(a.box_t, [0.5, 0.7])
+    assert len(a.problems) == 1 and a.problems[0].startswith("/d/c.txt:2: "), a.problems
+    assert reason in a.problems[0], a.problems
+    assert a.n_malformed + a.n_dropped_empty + a.n_duplicates == 1 and a.n_lines == 3
+
+
+def test_negative_coordinates_are_clipped_not_dropped() -> None:
+    a = _one("1.0: -5, -3, 10, 8, 1\n")
+    np.testing.assert_array_equal(a.boxes, np.array([[0, 0, 10, 8]], np.float32))
+    assert (a.n_clipped, a.n_dropped_empty, a.problems) == (1, 0, [])
+
+
+def test_repeated_times_same_track_are_dropped_several_drones_kept() -> None:
+    text = (
+        "1.0: 10, 10, 20, 20, 1, DJI\n"
+        "1.0: 50, 50, 60, 60, 2, DJI\n"  # another drone at the same time: fine
+        "1.00: 11, 11, 21, 21, 1, DJI\n"  # line 3: track 1 again at 1.0
+        "2.0: 10, 10, 20, 20\n"
+        "2.0: 10, 10, 20, 20\n"  # line 5: no id, same box and time
+        "2.0: 30, 30, 40, 40\n"  # no id, another box: kept
+    )
+    a = _one(text)
+    assert len(a.box_t) == 4 and a.n_duplicates == 2
+    assert a.problems == [
+        "/d/c.txt:3: repeats line 1 (same time 1.0 and track id 1); dropped",
+        "/d/c.txt:5: repeats line 4 (same time 2.0 and box); dropped",
+    ]
+    np.testing.assert_array_equal(a.track_ids, [1, 2, -1, -1])
+
+
+def test_box_that_rounds_to_empty_in_float32_is_dropped() -> None:
+    a = _one("1.0: 1279.99999999, 5, 1280.0000001, 9\n")
+    assert len(a.box_t) == 0 and a.n_dropped_empty == 1
+
+
+def test_line_numbers_follow_cr_lf_and_lone_cr() -> None:
+    a = parse_annotations(b"0.1: 1, 2, 3, 4\r\nbad\rbad\n\x0c\x1cbad\n", "c.txt")
+    assert [p.split(":")[1] for p in a.problems] == ["2", "3", "4"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -160,3 +161,35 @@ def test_bad_arguments(prepared: Path) -> None:
         BatchLoader(ds, batch_size=0)
     with pytest.raises(ValueError, match="rank"):
         BatchLoader(ds, batch_size=2, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_images_arrive_marked_with_their_batch(
+    prepared: Path, tmp_path: Path, workers: int
+) -> None:
+    root = tmp_path / "prepared"
+    shutil.copytree(prepared, root)
+    shard = root / "store" / "seq_1.event.u8"  # images 6..9, damaged after prepare
+    shard.write_bytes(b"")
+    ds = PreparedDataset(root, "train", skip_bad=True)
+    loader = BatchLoader(ds, batch_size=4, drop_last=False, seed=3, num_workers=workers)
+    seen_bad = []
+    for b in loader:
+        ids = b.ids.tolist()
+        assert b.bad.dtype == torch.bool and b.bad.tolist() == [i >= 6 for i in ids]
+        assert [p[0] for p in b.problems] == [i for i in ids if i >= 6]
+        assert all(p[1] == str(shard) and p[2].startswith("0 bytes, expected") for p in b.problems)
+        for j, iid in enumerate(ids):
+            value = 0 if iid >= 6 else iid
+            assert (b.rgb[j] == value).all() and (b.event[j] == (0 if iid >= 6 else 100 + iid)).all()
+        expected = [
+            [j, 0, x / 2, y / 2, (x + w) / 2, (y + h) / 2]
+            for j, iid in enumerate(ids)
+            if iid < 6
+            for x, y, w, h in _boxes(iid)
+        ]
+        assert torch.equal(b.targets, torch.tensor(expected, dtype=torch.float32).reshape(-1, 6))
+        seen_bad += [i for i in ids if i >= 6]
+    assert sorted(seen_bad) == [6, 7, 8, 9]
+    with pytest.raises(OSError, match=r"seq_1\.event\.u8: 0 bytes"):
+        list(BatchLoader(PreparedDataset(root, "train"), batch_size=N, drop_last=False))

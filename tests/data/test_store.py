@@ -295,3 +295,55 @@ def test_read_errors_and_pickling(tmp_path: Path) -> None:
     fresh.__setstate__(pickle.loads(pickle.dumps(fs)).__dict__)
     with pytest.raises(FileNotFoundError, match=r"frame store file missing: .*seq_0\.event\.u8"):
         fresh.read([0])
+
+
+def test_damaged_shard_files_are_skipped_and_checked_once_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "store"
+    build_store(d, _make_records(tmp_path / "src", {0: 2, 1: 2, 2: 2}), W, H, progress=False)
+    reference = _all_frames(d)  # rows: ids 0, 1, 100, 101, 200, 201
+    # damaged after prepare: seq 0 rgb truncated, seq 1 event replaced by a folder; seq 2 intact
+    with open(d / "seq_0.rgb.u8", "r+b") as f:
+        f.truncate(10)
+    (d / "seq_1.event.u8").unlink()
+    (d / "seq_1.event.u8").mkdir()
+    fs = FrameStore(d)  # opening the store does not fail: the damage is per file
+    expected = 2 * W * H * 3
+    with pytest.raises(OSError, match=rf"seq_0\.rgb\.u8: 10 bytes, expected {expected}"):
+        fs.read([0])
+    with pytest.raises(OSError, match=r"seq_1\.event\.u8: unreadable \(Is a directory\)"):
+        fs.read([200, 101])
+
+    fstats = []
+    real_fstat = os.fstat
+    monkeypatch.setattr(store_mod.os, "fstat", lambda fd: fstats.append(fd) or real_fstat(fd))
+    fs = FrameStore(d)
+    ids = [200, 0, 101, 201]
+    frames, bad, problems = fs.read_valid(ids)
+    assert bad.tolist() == [False, True, True, False]
+    assert problems == [
+        (0, str(d / "seq_0.rgb.u8"), f"10 bytes, expected {expected} (truncated or rewritten after prepare)"),
+        (101, str(d / "seq_1.event.u8"), "unreadable (Is a directory)"),
+    ]
+    for m in ("rgb", "event"):
+        assert not frames[m][1:3].any()
+        assert np.array_equal(frames[m][0], reference[m][4]) and np.array_equal(frames[m][3], reference[m][5])
+    assert len(fstats) == 5  # one open + fstat per file (the folder fails at open)
+    fs.read_valid(ids)
+    assert len(fstats) == 5  # per file and process, not per read
+    assert [p[0] for p in fs.damaged([0, 1, 100, 101, 200, 201])] == [0, 1, 100, 101]
+    assert fs.damaged([200, 201], ("rgb",)) == []
+    assert pickle.loads(pickle.dumps(fs))._problems == {}  # a worker process checks for itself
+
+    # a file truncated while it is mapped: skipped at the next read (a copy would be SIGBUS)
+    with open(d / "seq_2.rgb.u8", "r+b") as f:
+        f.truncate(0)
+    _, bad, problems = fs.read_valid([201, 200])
+    assert bad.tolist() == [True, True]
+    assert problems[0][1:] == (
+        str(d / "seq_2.rgb.u8"),
+        f"0 bytes, expected {expected} (changed during training)",
+    )
+    with pytest.raises(OSError, match=r"seq_2\.rgb\.u8"):
+        fs.read([200])

@@ -210,6 +210,7 @@ def test_invalid_targets_do_not_change_loss_and_grads_stay_finite() -> None:
             [0.0, 7.0, 10.0, 10.0, 20.0, 20.0],
             [0.0, 0.0, 10.0, 10.0, 10.0, 10.0],
             [1.0, 0.0, float("nan"), 10.0, 20.0, 20.0],
+            [-1.0, -1.0, 0.0, 0.0, 0.0, 0.0],  # the augmentation's invalid-row marker
         ]
     )
     preds = [p.requires_grad_() for p in _maps(2, 64, 96, 2)]
@@ -219,6 +220,31 @@ def test_invalid_targets_do_not_change_loss_and_grads_stay_finite() -> None:
     torch.testing.assert_close(parts_all, parts_good)
     loss_all.backward()
     assert all(torch.isfinite(p.grad).all() for p in preds)
+
+
+def test_loss_needs_no_values_on_the_host() -> None:
+    """Assignment and loss run on fake tensors (shapes only): no ``.item()``, ``nonzero``, boolean-mask
+    indexing or other data-dependent shape, so no host synchronisation on a GPU; sizes depend only on
+    the number of target rows. Forward on fake CUDA tensors (autograd needs a real CUDA device),
+    forward + backward on fake CPU tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    m, bsz = 7, 2
+    anchors = MIXED_ANCHORS.tolist()
+    with FakeTensorMode():
+        cfg = LossConfig(label_smoothing=0.1, focal_gamma=1.5)
+        loss_fn = YoloLoss(torch.tensor(anchors), STRIDES, 2, cfg)
+        for dev in ("cuda", "cpu"):
+            targets = torch.empty((m, 6), device=dev)
+            levels = loss_fn.assign(targets, [(8, 12), (4, 6), (2, 3)], bsz)
+            assert [lt.valid.shape for lt in levels] == [(m * 3 * 5,)] * 3
+            head = torch.zeros((1, 3, 1, 1, 7), device=dev, requires_grad=True)
+            preds = [torch.empty((bsz, 3, 64 // s, 96 // s, 1), device=dev) * head for s in STRIDES]
+            loss, parts = loss_fn(preds, targets)
+            assert loss.shape == () and parts.shape == (3,) and loss.device.type == dev
+            if dev == "cpu":
+                loss.backward()
+                assert head.grad.shape == (1, 3, 1, 1, 7)
 
 
 def test_loss_under_autocast_is_float32() -> None:

@@ -2,17 +2,23 @@
 
 Both modalities of a pair go through one sampling pass: their channels are stacked into one
 float source holding ``pixel - fill`` (fill: 114 grey for RGB, 0 for events) and every output
-pixel is filled by bilinear ``F.grid_sample`` with zero padding, i.e. padding with the fill. A
-sample without Mosaic samples its own image; the samples with Mosaic (only those) get a 2x2 canvas
-of batch images (their own and three others) and one warp from it, so Mosaic + affine is a single
-sampling pass per output image.
+pixel is filled by bilinear ``F.grid_sample`` with zero padding, i.e. padding with the fill. With
+Mosaic on, every sample gets a 2x2 canvas (tile 0: its own image; tiles 1-3: three other batch
+images for the samples drawn for Mosaic, empty = fill for the others) and one warp from it, so
+Mosaic + affine is a single sampling pass per output image.
 
 Geometry per sample is one affine matrix (fit to the output size, Mosaic centre, scale, rotation,
 shear, translation, horizontal flip); boxes follow the same matrix (4 corners, min/max), are
-clipped to the output and dropped when too small or mostly clipped. MixUp blends a sample with
-another augmented sample of the batch (same lambda for both modalities, targets of both kept).
+clipped to the output and marked invalid when too small or mostly clipped. MixUp blends a sample
+with another augmented sample of the batch (same lambda for both modalities, targets of both kept).
 HSV jitter touches RGB only. Random decisions are drawn per sample as tensors, from ``generator``
 when given (reproducible), and nothing loops over images or boxes in Python.
+
+No step reads a device value on the host: every tensor shape depends only on the batch size, the
+number of target rows ``M`` and the configuration. Mosaic partners and MixUp partners are drawn as
+permutations of the batch (each image is partner ``k`` of exactly one sample), so every target
+has a fixed number of copies in the output (1 + 3 with Mosaic, x2 with MixUp); copies that are
+not used, dropped or invalid stay in place as :data:`INVALID_ROW` (see :func:`valid_targets`).
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "INVALID_ROW",
     "AugmentConfig",
     "augment_batch",
     "hsv_to_rgb",
     "letterbox_batch",
     "letterbox_params",
     "rgb_to_hsv",
+    "target_rows",
+    "valid_targets",
 ]
 
 RGB_FILL = 114
@@ -39,6 +48,8 @@ EVENT_FILL = 0
 """Padding value of event frames (uint8 scale)."""
 MIXUP_BETA = 32
 """MixUp lambda ~ Beta(MIXUP_BETA, MIXUP_BETA) (integer: drawn exactly as a ratio of Gamma sums)."""
+INVALID_ROW = (-1.0, -1.0, 0.0, 0.0, 0.0, 0.0)
+"""A target row that holds no box (image -1, class -1, empty box); the loss never matches it."""
 
 
 @dataclass
@@ -57,8 +68,25 @@ class AugmentConfig:
     hsv_h: float = 0.015  # hue shift in [-hsv_h, hsv_h] of the full hue circle (RGB only)
     hsv_s: float = 0.7  # saturation gain in [1-hsv_s, 1+hsv_s] (RGB only)
     hsv_v: float = 0.4  # value gain in [1-hsv_v, 1+hsv_v] (RGB only)
-    min_box_size: float = 2.0  # pixels at the output size; smaller boxes are dropped
-    min_box_area_ratio: float = 0.1  # drop boxes that lost more than 90% of their area by clipping
+    min_box_size: float = 2.0  # pixels at the output size; smaller boxes are marked invalid
+    min_box_area_ratio: float = 0.1  # invalid when more than 90% of the area was clipped
+
+
+def valid_targets(targets: Tensor) -> Tensor:
+    """The rows of ``targets`` ``(K, 6)`` that hold a box (image index and class >= 0).
+
+    For host-side consumers (drawing, statistics): the result has a data-dependent size, so on a
+    GPU this waits for the device. The training step itself passes all rows to the loss.
+    """
+    if targets.dim() != 2 or targets.shape[1] != 6:
+        raise ValueError(f"valid_targets: targets must have shape (K, 6), got {tuple(targets.shape)}")
+    return targets[(targets[:, 0] >= 0) & (targets[:, 1] >= 0)]
+
+
+def target_rows(m: int, batch: int, cfg: AugmentConfig, special: bool = True) -> int:
+    """Number of target rows :func:`augment_batch` returns for ``m`` input rows (fixed by the sizes)."""
+    copies = 4 if cfg.mosaic and special else 1
+    return m * copies * (2 if cfg.mixup and special and batch > 1 else 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,8 +130,20 @@ def _check_out_hw(out_hw: tuple[int, int]) -> tuple[int, int]:
     return out_h, out_w
 
 
-def _check_targets(targets: Tensor, batch: int, device: torch.device) -> Tensor:
-    """Validate targets (M, 6) ``[image, class, x1, y1, x2, y2]``; return float32 on ``device``."""
+def _rows_ok(targets: Tensor, batch: int) -> Tensor:
+    """``(M,)`` bool: the row has a whole image index in ``[0, batch)`` and a class >= 0."""
+    img = targets[:, 0]
+    return (img >= 0) & (img <= batch - 1) & (img == img.round()) & (targets[:, 1] >= 0)
+
+
+def _check_targets(targets: Tensor, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Validate targets (M, 6) ``[image, class, x1, y1, x2, y2]``; return them as float32 on ``device``
+    and the ``(M,)`` mask of usable rows.
+
+    Rows with a negative class (e.g. :data:`INVALID_ROW`) are placeholders and stay invalid. Values
+    are checked (with a clear error) only for targets in host memory: checking device values would
+    make the host wait for the device, so there a bad image index just makes the row invalid.
+    """
     if not isinstance(targets, Tensor):
         raise TypeError(f"augment: targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dim() != 2 or targets.shape[1] != 6:
@@ -111,18 +151,27 @@ def _check_targets(targets: Tensor, batch: int, device: torch.device) -> Tensor:
             "augment: targets must have shape (M, 6) [image, class, x1, y1, x2, y2], "
             f"got {tuple(targets.shape)}"
         )
+    if targets.device.type == "cpu" and targets.shape[0]:
+        t = targets.detach().to(torch.float64)
+        real = ~(t[:, 1] < 0)  # placeholder rows may carry any image index
+        img = t[real, 0]
+        if img.numel():
+            lo_v, hi_v = float(img.min()), float(img.max())
+            if lo_v < 0 or hi_v > batch - 1 or not math.isfinite(lo_v + hi_v):
+                raise ValueError(
+                    f"augment: target image indices must lie in [0, {batch - 1}] for a batch of {batch}, "
+                    f"got range [{lo_v:g}, {hi_v:g}]"
+                )
+            if bool((img != img.round()).any()):
+                raise ValueError("augment: target image indices (column 0) must be whole numbers")
     targets = targets.to(device=device, dtype=torch.float32)
-    if targets.shape[0]:
-        lo, hi = targets[:, 0].aminmax()
-        lo_v, hi_v = float(lo), float(hi)
-        if lo_v < 0 or hi_v > batch - 1 or not math.isfinite(lo_v + hi_v):
-            raise ValueError(
-                f"augment: target image indices must lie in [0, {batch - 1}] for a batch of {batch}, "
-                f"got range [{lo_v:g}, {hi_v:g}]"
-            )
-        if bool((targets[:, 0] != targets[:, 0].round()).any()):
-            raise ValueError("augment: target image indices (column 0) must be whole numbers")
-    return targets
+    return targets, _rows_ok(targets, batch)
+
+
+def _mark_invalid(rows: Tensor, keep: Tensor) -> Tensor:
+    """Replace the rows of ``rows`` ``(N, 6)`` where ``keep`` is False by :data:`INVALID_ROW`."""
+    k = keep.unsqueeze(1)
+    return torch.cat([torch.where(k, rows[:, :2], -1.0), torch.where(k, rows[:, 2:], 0.0)], 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,30 +192,61 @@ def letterbox_params(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[f
     return scale, pad_x, pad_y
 
 
-def _stack_source(rgb: Tensor | None, event: Tensor | None) -> tuple[Tensor, Tensor]:
+def _stack_source(rgb: Tensor | None, event: Tensor | None) -> tuple[Tensor, tuple[float, ...]]:
     """Stack the modalities into one float32 source ``(B, C, h, w)`` holding ``pixel - fill`` (so that
-    zero padding of ``grid_sample`` means "fill"); return it with the fill values ``(C,)``."""
+    zero padding of ``grid_sample`` means "fill"); return it with the fill value of each modality."""
     parts = [(x, v) for x, v in ((rgb, RGB_FILL), (event, EVENT_FILL)) if x is not None]
     batch, _, h, w = parts[0][0].shape
     device = parts[0][0].device
     src = torch.empty((batch, 3 * len(parts), h, w), dtype=torch.float32, device=device)
     for k, (x, v) in enumerate(parts):
-        torch.sub(x, float(v), out=src[:, 3 * k : 3 * k + 3])
-    fill = torch.tensor([float(v) for _, v in parts for _ in range(3)], device=device)
-    return src, fill
+        part = src[:, 3 * k : 3 * k + 3]
+        part.copy_(x)
+        if v:
+            part.sub_(float(v))
+    return src, tuple(float(v) for _, v in parts)
 
 
-def _warp(src: Tensor, tiles: Tensor, inv: Tensor, out_hw: tuple[int, int], mosaic: Tensor | None) -> Tensor:
+def _mosaic_canvas(
+    rgb: Tensor | None, event: Tensor | None, tiles: Tensor, used: Tensor
+) -> tuple[Tensor, tuple[float, ...]]:
+    """2x2 Mosaic canvases of every sample, float32 ``(B, C, 2h, 2w)`` holding ``pixel - fill``.
+
+    Tile 0 is the sample's own image, tile ``k = 2 * row + col`` (1-3) is batch image
+    ``tiles[i, k]`` where ``used[i]`` and empty (fill, i.e. 0) elsewhere. Tiles are gathered as uint8
+    (an extra image of fill values stands for "empty") and converted once.
+    """
+    parts = [(x, v) for x, v in ((rgb, RGB_FILL), (event, EVENT_FILL)) if x is not None]
+    batch, _, h, w = parts[0][0].shape
+    dev = parts[0][0].device
+    chans = 3 * len(parts)
+    src = torch.empty((batch + 1, chans, h, w), dtype=torch.uint8, device=dev)
+    for k, (x, v) in enumerate(parts):
+        src[:batch, 3 * k : 3 * k + 3] = x
+        src[batch, 3 * k : 3 * k + 3] = v
+    idx = torch.where(used.view(batch, 1), tiles, batch)
+    idx[:, 0] = tiles[:, 0]
+    gathered = src.index_select(0, idx.reshape(-1)).view(batch, 2, 2, chans, h, w)  # (B, row, col, ...)
+    canvas = torch.empty((batch, chans, 2, h, 2, w), dtype=torch.float32, device=dev)
+    canvas.copy_(gathered.permute(0, 3, 1, 4, 2, 5))  # cast-copy, then subtract (faster than a mixed sub)
+    for k, (_, v) in enumerate(parts):
+        if v:
+            canvas[:, 3 * k : 3 * k + 3].sub_(float(v))
+    return canvas.view(batch, chans, 2 * h, 2 * w), tuple(float(v) for _, v in parts)
+
+
+def _warp(src: Tensor, inv: Tensor, out_hw: tuple[int, int], canvas: bool = False) -> Tensor:
     """Bilinear warp of each sample's source into ``(B, C, H, W)`` (``pixel - fill`` scale).
 
-    ``src``: ``(B, C, h, w)`` from :func:`_stack_source`; ``inv``: ``(B, 2, 3)`` maps output pixel
-    coordinates to source pixel coordinates (continuous, pixel ``j`` covers ``[j, j+1)``). A sample
-    without Mosaic reads its own image (zero padding = fill outside). For the samples flagged in
-    ``mosaic`` (``(B,)`` bool, or None) the source is a 2x2 canvas ``(2h, 2w)`` whose tile
-    ``2 * row + col`` is batch image ``tiles[i, 2 * row + col]`` (tile 0 = own image); canvases are
-    built for those samples only.
+    ``src``: ``(B, C, h, w)`` from :func:`_stack_source`, or with ``canvas`` the ``(B, C, 2h, 2w)``
+    canvases of :func:`_mosaic_canvas`; ``inv``: ``(B, 2, 3)`` maps output pixel coordinates to
+    pixel coordinates of the own image (= canvas tile 0; continuous, pixel ``j`` covers
+    ``[j, j+1)``). Zero padding outside the source means "fill". A canvas whose tiles 1-3 are
+    empty gives the same image as the own image alone.
     """
-    batch, chans, h, w = src.shape
+    batch, _, h, w = src.shape
+    if canvas:
+        h, w = h // 2, w // 2
     out_h, out_w = out_hw
     dev = src.device
     inv = inv.to(device=dev, dtype=torch.float64)
@@ -175,9 +255,7 @@ def _warp(src: Tensor, tiles: Tensor, inv: Tensor, out_hw: tuple[int, int], mosa
     m = torch.stack(
         [inv[:, :, 0] * sx, inv[:, :, 1] * sy, inv[:, :, 0] * sx + inv[:, :, 1] * sy + inv[:, :, 2]], 2
     )
-    theta = (m * torch.tensor([2 / w, 2 / h], dtype=torch.float64, device=dev).view(1, 2, 1)).to(
-        torch.float32
-    )
+    theta = torch.stack([m[:, 0] * (2 / w), m[:, 1] * (2 / h)], 1).to(torch.float32)
     theta[:, :, 2] -= 1.0
     un = (torch.arange(out_w, device=dev, dtype=torch.float32) * 2 + 1) / out_w - 1
     vn = (torch.arange(out_h, device=dev, dtype=torch.float32) * 2 + 1) / out_h - 1
@@ -185,21 +263,9 @@ def _warp(src: Tensor, tiles: Tensor, inv: Tensor, out_hw: tuple[int, int], mosa
     grid = torch.empty((batch, out_h, out_w, 2), dtype=torch.float32, device=dev)
     grid[..., 0] = t[0] * un.view(1, 1, -1) + t[1] * vn.view(1, -1, 1) + t[2]
     grid[..., 1] = t[3] * un.view(1, 1, -1) + t[4] * vn.view(1, -1, 1) + t[5]
-    n_mosaic = 0 if mosaic is None else int(mosaic.sum())
-    if n_mosaic == 0:
-        return _sample(src, grid)
-    order = torch.argsort(mosaic.to(torch.int8), stable=True)  # type: ignore[union-attr]
-    single, multi = order[: batch - n_mosaic], order[batch - n_mosaic :]
-    canvas = torch.empty((n_mosaic, chans, 2 * h, 2 * w), dtype=src.dtype, device=dev)
-    for k in range(4):  # four tile copies (each over all mosaic samples at once)
-        row, col = divmod(k, 2)
-        canvas[:, :, row * h : (row + 1) * h, col * w : (col + 1) * w] = src.index_select(0, tiles[multi, k])
-    out = torch.empty((batch, chans, out_h, out_w), dtype=src.dtype, device=dev)
-    # the canvas is twice the size of a tile: normalized canvas coord = (tile coord + 1) / 2 - 1
-    out.index_copy_(0, multi, _sample(canvas, grid.index_select(0, multi).mul_(0.5).sub_(0.5)))
-    if batch > n_mosaic:
-        out.index_copy_(0, single, _sample(src.index_select(0, single), grid.index_select(0, single)))
-    return out
+    if canvas:  # the canvas is twice the size of a tile: normalized canvas coord = (tile coord + 1) / 2 - 1
+        grid.mul_(0.5).sub_(0.5)
+    return _sample(src, grid)
 
 
 def _sample(src: Tensor, grid: Tensor) -> Tensor:
@@ -208,13 +274,10 @@ def _sample(src: Tensor, grid: Tensor) -> Tensor:
 
 
 def _to_outputs(
-    warped: Tensor, fill: Tensor, has_rgb: bool, has_event: bool
+    warped: Tensor, fill: tuple[float, ...], has_rgb: bool, has_event: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """Split ``(B, C, H, W)`` (``pixel - fill``) into ``(B, 3, H, W)`` float32 in [0, 1] per modality."""
-    outs = [
-        (warped[:, k : k + 3] + fill[k : k + 3].view(1, 3, 1, 1)).div_(255.0).clamp_(0.0, 1.0)
-        for k in range(0, warped.shape[1], 3)
-    ]
+    outs = [(warped[:, 3 * k : 3 * k + 3] + v).div_(255.0).clamp_(0.0, 1.0) for k, v in enumerate(fill)]
     if has_rgb and has_event:
         return outs[0], outs[1]
     return (outs[0], None) if has_rgb else (None, outs[0])
@@ -252,27 +315,27 @@ def letterbox_batch(
 
     Scales to fit (see :func:`letterbox_params`) and pads centred with 114/255 grey (RGB) and
     0 (event). Returns ``(rgb, event, targets, (pad_x, pad_y), scale)``: float32 ``(B, 3, H, W)``
-    in [0, 1] (None where the input was None), targets mapped to input pixels (None if not given);
-    a point in input pixels maps back to store pixels as ``(x - pad_x) / scale``.
+    in [0, 1] (None where the input was None), targets mapped to input pixels, same rows in the
+    same order, rows that hold no box as :data:`INVALID_ROW` (None if not given); a point in
+    input pixels maps back to store pixels as ``(x - pad_x) / scale``.
     """
     batch, h, w, device = _check_images(rgb, event)
     out_h, out_w = _check_out_hw(out_hw)
     scale, pad_x, pad_y = letterbox_params((h, w), (out_h, out_w))
     src, fill = _stack_source(rgb, event)
-    inv = torch.tensor(
-        [[1 / scale, 0.0, -pad_x / scale], [0.0, 1 / scale, -pad_y / scale]],
-        dtype=torch.float64,
-        device=device,
-    ).expand(batch, 2, 3)
-    tiles = torch.full((batch, 4), -1, dtype=torch.long, device=device)
-    tiles[:, 0] = torch.arange(batch, device=device)
-    warped = _warp(src, tiles, inv, (out_h, out_w), None)
+    inv = torch.zeros((batch, 2, 3), dtype=torch.float64, device=device)
+    inv[:, 0, 0] = inv[:, 1, 1] = 1 / scale
+    inv[:, 0, 2] = -pad_x / scale
+    inv[:, 1, 2] = -pad_y / scale
+    warped = _warp(src, inv, (out_h, out_w))
     out_rgb, out_event = _to_outputs(warped, fill, rgb is not None, event is not None)
     out_targets = None
     if targets is not None:
-        out_targets = _check_targets(targets, batch, device).clone()
-        out_targets[:, [2, 4]] = out_targets[:, [2, 4]] * scale + pad_x
-        out_targets[:, [3, 5]] = out_targets[:, [3, 5]] * scale + pad_y
+        t, ok = _check_targets(targets, batch, device)
+        boxes = t[:, 2:6] * scale
+        boxes[:, 0::2] += pad_x
+        boxes[:, 1::2] += pad_y
+        out_targets = _mark_invalid(torch.cat([t[:, :2], boxes], 1), ok)
     return out_rgb, out_event, out_targets, (pad_x, pad_y), scale
 
 
@@ -295,7 +358,7 @@ def rgb_to_hsv(x: Tensor) -> Tensor:
 def hsv_to_rgb(x: Tensor) -> Tensor:
     """HSV ``(B, 3, H, W)`` (as produced by :func:`rgb_to_hsv`) back to RGB in [0, 1]."""
     hue, s, v = x.unbind(1)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1
     k = torch.remainder(n + hue.unsqueeze(1) * 6.0, 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     vu = v.unsqueeze(1)
@@ -313,7 +376,7 @@ def _hsv_jitter(rgb: Tensor, gains: Tensor) -> Tensor:
     hue6 = diff.gather(1, arg).div_(delta.clamp_min(1e-12)).add_(arg.to(rgb.dtype) * 2).add_(g[:, 0:1] * 6)
     sat = (delta / maxc.clamp_min(1e-12)).mul_(g[:, 1:2]).clamp_(0.0, 1.0)
     val = (maxc * g[:, 2:3]).clamp_(0.0, 1.0)
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
+    offsets = torch.arange(5.0, 0.0, -2.0, device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
     k = torch.remainder(hue6 + offsets, 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return (val - ramp.mul_(val * sat)).clamp_(0.0, 1.0)
@@ -349,17 +412,25 @@ class _Draw:
         return (g[:, 0] / g.sum(1)).to(self.device)
 
 
-def _mosaic_partners(draw: _Draw, batch: int) -> Tensor:
-    """Three other batch images per sample ``(B, 3)``: distinct when ``B >= 4``, else with replacement."""
+def _cyclic_partners(draw: _Draw, batch: int, n: int) -> tuple[Tensor, Tensor]:
+    """``n`` partner maps of the batch, each a permutation, and their inverses, both ``(n, B)`` long.
+
+    Samples are put in a random cyclic order; partner map ``k`` sends a sample to the one ``off_k``
+    places further on. The offsets are distinct and non-zero when ``B > n`` (so a sample's partners
+    are other images, all different), drawn with replacement from ``1 .. B-1`` for smaller batches
+    and 0 (the own image) for ``B == 1``. ``inverse[k, j]`` is the sample whose partner ``k`` is ``j``.
+    """
     dev = draw.device
-    if batch >= 4:
-        keys = draw.uniform((batch, batch), 0.0, 1.0)
-        keys.fill_diagonal_(2.0)  # own image last
-        return keys.argsort(dim=1)[:, :3]
-    own = torch.arange(batch, device=dev).view(batch, 1)
-    if batch == 1:
-        return own.expand(1, 3).clone()
-    return (own + 1 + draw.randint((batch, 3), batch - 1)) % batch
+    order = draw.uniform((batch,), 0.0, 1.0).argsort()
+    if batch > n:
+        off = draw.uniform((batch - 1,), 0.0, 1.0).argsort()[:n] + 1
+    elif batch > 1:
+        off = draw.randint((n,), batch - 1) + 1
+    else:
+        off = torch.zeros(n, dtype=torch.long, device=dev)
+    pos = order.argsort().unsqueeze(0)  # place of each sample in the cycle
+    off = off.unsqueeze(1)
+    return order[(pos + off) % batch], order[(pos - off) % batch]
 
 
 def augment_batch(
@@ -375,28 +446,32 @@ def augment_batch(
 
     ``rgb`` / ``event``: uint8 ``(B, 3, h, w)`` (either may be None, same shape when both given);
     ``targets``: ``(M, 6)`` ``[image, class, x1, y1, x2, y2]`` in store pixels. Returns float32
-    ``(B, 3, H, W)`` in [0, 1] per modality and targets ``(M', 6)`` in output pixels, sorted by
-    image index. ``special=False`` switches Mosaic and MixUp off. Both modalities get the same
-    geometry and MixUp; HSV jitter applies to RGB only.
+    ``(B, 3, H, W)`` in [0, 1] per modality and targets ``(K, 6)`` in output pixels with
+    ``K = target_rows(M, B, cfg, special)`` (M x 4 copies with Mosaic, x 2 with MixUp): the rows
+    that hold a box come first, sorted by image index, then :data:`INVALID_ROW` rows (copies not
+    shown, boxes too small or mostly clipped). ``special=False`` switches Mosaic and MixUp off.
+    Both modalities get the same geometry and MixUp; HSV jitter applies to RGB only. Nothing here
+    reads a device value on the host (targets in host memory are checked before the copy).
     """
     batch, h, w, device = _check_images(rgb, event)
     out_h, out_w = _check_out_hw(out_hw)
-    targets = _check_targets(targets, batch, device)
+    targets, row_ok = _check_targets(targets, batch, device)
+    do_mosaic = bool(cfg.mosaic and special)
+    do_mixup = bool(cfg.mixup and special and batch > 1)
     draw = _Draw(generator, device)
     f64 = torch.float64
 
     # --- per-sample random decisions -------------------------------------------------------------
-    use_mosaic = draw.bernoulli(batch, cfg.mosaic_prob) & (cfg.mosaic and special)
-    partners = _mosaic_partners(draw, batch)
-    centre = draw.uniform((batch, 2), 0.5, 1.5) * torch.tensor([w, h], dtype=f64, device=device)
+    use_mosaic = draw.bernoulli(batch, cfg.mosaic_prob) & do_mosaic
+    partners, partner_of = _cyclic_partners(draw, batch, 3)  # (3, B): tiles 1-3
+    centre = draw.uniform((batch, 2), 0.5, 1.5)  # Mosaic centre in units of (w, h) of one tile
     scale = draw.uniform((batch,), 1.0 - cfg.scale, 1.0 + cfg.scale)
     angle = draw.uniform((batch,), -cfg.degrees, cfg.degrees) * (math.pi / 180.0)
     shear = (draw.uniform((batch, 2), -cfg.shear, cfg.shear) * (math.pi / 180.0)).tan()
-    shift = draw.uniform((batch, 2), -cfg.translate, cfg.translate)
-    shift = shift * torch.tensor([out_w, out_h], dtype=f64, device=device)
+    shift = draw.uniform((batch, 2), -cfg.translate, cfg.translate)  # in units of the output size
     flip = draw.bernoulli(batch, cfg.fliplr)
-    use_mixup = draw.bernoulli(batch, cfg.mixup_prob) & (cfg.mixup and special and batch > 1)
-    mix_partner = (torch.arange(batch, device=device) + 1 + draw.randint((batch,), max(batch - 1, 1))) % batch
+    use_mixup = draw.bernoulli(batch, cfg.mixup_prob) & do_mixup
+    mix_partner, mixed_into = (x[0] for x in _cyclic_partners(draw, batch, 1))
     lam = draw.beta_sym(batch, MIXUP_BETA)
     hsv_gains = torch.stack(
         [
@@ -412,67 +487,80 @@ def augment_batch(
     # around the Mosaic centre for a canvas); L = flip @ shear @ rotation * scale acts around the
     # output centre o; then the random shift t.  out = L @ (base(p) - o) + o + t
     r, pad_x, pad_y = letterbox_params((h, w), (out_h, out_w))
-    o = torch.tensor([out_w / 2, out_h / 2], dtype=f64, device=device)
-    pad = torch.tensor([pad_x, pad_y], dtype=f64, device=device)
-    q = torch.where(use_mosaic.unsqueeze(1), o - r * centre, pad)
+    ox, oy = out_w / 2, out_h / 2
+    q_o = torch.stack(  # q - o
+        [
+            torch.where(use_mosaic, centre[:, 0] * (-r * w), pad_x - ox),
+            torch.where(use_mosaic, centre[:, 1] * (-r * h), pad_y - oy),
+        ],
+        1,
+    )
+    o_t = torch.stack([shift[:, 0] * out_w + ox, shift[:, 1] * out_h + oy], 1)  # o + t
     cos, sin = angle.cos(), angle.sin()
     rot = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
     ones = torch.ones(batch, dtype=f64, device=device)
     shr = torch.stack([torch.stack([ones, shear[:, 0]], 1), torch.stack([shear[:, 1], ones], 1)], 1)
     lin = shr @ rot * scale.view(batch, 1, 1)
     lin[:, 0] = torch.where(flip.unsqueeze(1), -lin[:, 0], lin[:, 0])
-    offset = (lin @ (q - o).unsqueeze(-1)).squeeze(-1) + o + shift
+    offset = (lin @ q_o.unsqueeze(-1)).squeeze(-1) + o_t
     fwd = torch.cat([lin * r, offset.unsqueeze(-1)], 2)  # (B, 2, 3)
 
-    # --- images: one warp per sample from its (virtual) canvas -----------------------------------
-    own = torch.arange(batch, device=device)
-    tiles = torch.where(
-        use_mosaic.unsqueeze(1),
-        torch.cat([own.view(batch, 1), partners], 1),
-        torch.cat([own.view(batch, 1), torch.full((batch, 3), -1, device=device, dtype=torch.long)], 1),
-    )
-    src, fill = _stack_source(rgb, event)
-    warped = _warp(src, tiles, _invert(fwd), (out_h, out_w), use_mosaic if cfg.mosaic and special else None)
-    out_rgb, out_event = _to_outputs(warped, fill, rgb is not None, event is not None)
+    # --- images: one warp per sample from its canvas (own image only without Mosaic) ------------
+    if do_mosaic:
+        tiles = torch.cat([torch.arange(batch, device=device).view(1, batch), partners], 0).t()
+        src, fill = _mosaic_canvas(rgb, event, tiles, use_mosaic)
+    else:
+        src, fill = _stack_source(rgb, event)
+    warped = _warp(src, _invert(fwd), (out_h, out_w), canvas=do_mosaic)
+    del src
 
-    # --- boxes: every (target, tile showing its image) pair, same matrix -------------------------
-    img_of_target = targets[:, 0].long()
-    t_idx, slot = (img_of_target.unsqueeze(1) == tiles.view(1, -1)).nonzero(as_tuple=True)
-    sample, tile = slot // 4, slot % 4
-    tile_off = torch.stack([(tile % 2) * w, (tile // 2) * h], 1).to(torch.float32)
-    boxes = targets[t_idx, 2:6] + tile_off.repeat(1, 2)
-    boxes = _transform_boxes(boxes, fwd.to(torch.float32)[sample])
+    # --- boxes: a fixed number of copies per target, same matrices -------------------------------
+    # copy 0: the own image (tile 0 of its own sample); copy k (Mosaic): tile k of the sample whose
+    # partner k the image is. Unused copies are marked invalid instead of removed.
+    m = targets.shape[0]
+    img = targets[:, 0].nan_to_num(nan=0.0).clamp(0, batch - 1).long()
+    if do_mosaic:
+        sample = torch.cat([img.view(1, m), partner_of.gather(1, img.view(1, m).expand(3, m))], 0)
+        shown = torch.cat([row_ok.view(1, m), use_mosaic[sample[1:]] & row_ok.view(1, m)], 0)
+        k = torch.arange(4, device=device, dtype=torch.float32).view(4, 1)
+        dx, dy = (k % 2) * w, (k // 2) * h
+        boxes = targets[:, 2:6].unsqueeze(0) + torch.stack([dx, dy, dx, dy], 2)  # (4, M, 4)
+    else:
+        sample, shown, boxes = img.view(1, m), row_ok.view(1, m), targets[:, 2:6].unsqueeze(0)
+    sample, shown, boxes = sample.reshape(-1), shown.reshape(-1), boxes.reshape(-1, 4)
+    classes = targets[:, 1:2].repeat(4 if do_mosaic else 1, 1)
+    boxes = _transform_boxes(boxes, fwd.to(torch.float32).index_select(0, sample))
     full_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    bound = torch.tensor([out_w, out_h, out_w, out_h], dtype=torch.float32, device=device)
-    boxes = torch.minimum(boxes.clamp_min(0.0), bound)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, out_w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0.0, out_h)
     bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     keep = (
-        (bw >= cfg.min_box_size)
+        shown
+        & (bw >= cfg.min_box_size)
         & (bh >= cfg.min_box_size)
         & (bw > 0)
         & (bh > 0)
         & (bw * bh >= cfg.min_box_area_ratio * full_area)
     )
-    out_targets = torch.cat([sample.unsqueeze(1).to(torch.float32), targets[t_idx, 1:2], boxes], 1)[keep]
+    rows = torch.cat([sample.unsqueeze(1).to(torch.float32), classes, boxes], 1)
 
-    # --- MixUp with another augmented sample ------------------------------------------------------
-    if cfg.mixup and special and batch > 1:
-        mixed = use_mixup.nonzero().squeeze(1)
-        if mixed.numel():
-            lam_m = lam.index_select(0, mixed).to(torch.float32).view(-1, 1, 1, 1)
-            partner = mix_partner.index_select(0, mixed)
-            for out in (out_rgb, out_event):
-                if out is not None:  # blend from the unmixed images, then write back in place
-                    out.index_copy_(0, mixed, torch.lerp(out[partner], out[mixed], lam_m))
-        wanted = (out_targets[:, 0].long().unsqueeze(1) == mix_partner.view(1, -1)) & use_mixup.view(1, -1)
-        m_idx, into = wanted.nonzero(as_tuple=True)
-        extra = out_targets[m_idx].clone()
-        extra[:, 0] = into.to(torch.float32)
-        out_targets = torch.cat([out_targets, extra], 0)
+    # --- MixUp with another augmented sample: every sample lends its image and boxes to exactly one
+    # sample (``mixed_into``), which blends them in when drawn for MixUp --------------------------
+    if do_mixup:
+        # weight of the partner: 1 - lam, exactly 0 (own image unchanged) where MixUp is off
+        weight = torch.where(use_mixup, 1.0 - lam, 0.0).to(warped.dtype).view(batch, 1, 1, 1)
+        warped.lerp_(warped.index_select(0, mix_partner), weight)
+        into = mixed_into.index_select(0, sample)
+        rows = torch.cat([rows, torch.cat([into.unsqueeze(1).to(torch.float32), rows[:, 1:]], 1)], 0)
+        keep = torch.cat([keep, keep & use_mixup.index_select(0, into)], 0)
+
+    out_rgb, out_event = _to_outputs(warped, fill, rgb is not None, event is not None)
+    del warped
 
     # --- HSV on RGB only --------------------------------------------------------------------------
     if out_rgb is not None and (cfg.hsv_h or cfg.hsv_s or cfg.hsv_v):
         out_rgb = _hsv_jitter(out_rgb, hsv_gains)
 
-    order = out_targets[:, 0].argsort(stable=True)
-    return out_rgb, out_event, out_targets[order]
+    # boxes first, sorted by image; invalid rows last
+    order = torch.where(keep, rows[:, 0], float(batch)).argsort(stable=True)
+    return out_rgb, out_event, _mark_invalid(rows, keep).index_select(0, order)

@@ -14,11 +14,13 @@ import numpy as np
 
 from fredfusion.data.fred import FRAME_HEIGHT, FRAME_WIDTH, FredError
 from fredfusion.data.pairing import PairedImage
+from fredfusion.data.paths import UnsafePathError, check_relative_name
 
 __all__ = ["CATEGORIES", "build_coco", "load_coco", "write_coco", "write_json_atomic"]
 
 CATEGORIES: list[dict[str, Any]] = [{"id": 1, "name": "drone"}]
 _REQUIRED_KEYS = ("images", "annotations", "categories")
+_NAME_KEYS = ("file_name", "rgb_file_name", "event_file_name")  # relative to info.fred_root
 
 
 def build_coco(
@@ -108,12 +110,29 @@ def build_coco(
     }
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux); 0o022 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
-    """Write ``data`` as JSON to ``path`` via a temporary file and ``os.replace``."""
+    """Write ``data`` as JSON to ``path`` via a temporary file and ``os.replace``.
+
+    The file gets the mode a plain ``open`` would give (0666 less the umask), so that a prepared
+    folder can be shared with other users like the frame store next to it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=indent, separators=None if indent else (",", ":"))
         os.replace(tmp, path)
@@ -129,7 +148,12 @@ def write_coco(path: Path, coco: dict[str, Any]) -> None:
 
 
 def load_coco(path: Path) -> dict[str, Any]:
-    """Load and check a COCO file; raises :class:`FredError` naming the file when it is unusable."""
+    """Load and check a COCO file; raises :class:`FredError` naming the file when it is unusable.
+
+    File names of images (``file_name``, ``rgb_file_name``, ``event_file_name``) must be plain
+    relative names: absolute paths and ``..`` components are refused (they could point outside
+    the FRED root).
+    """
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as fh:
@@ -148,6 +172,13 @@ def load_coco(path: Path) -> dict[str, Any]:
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img:
             raise FredError(f"{path}: images[{i}] has no id")
+        for key in _NAME_KEYS:
+            name = img.get(key)
+            if name is not None:
+                try:
+                    check_relative_name(name, f"{path}: images[{i}].{key}")
+                except UnsafePathError as exc:
+                    raise FredError(str(exc)) from None
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or not {"image_id", "bbox"} <= ann.keys():
             raise FredError(f"{path}: annotations[{i}] needs image_id and bbox")

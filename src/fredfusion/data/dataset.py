@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fredfusion.data.store import MANIFEST_NAME, FrameStore, read_frame
+from fredfusion.data.paths import resolve_under
+from fredfusion.data.store import MANIFEST_NAME, BadFrameError, FrameStore, read_frame
 
 MODALITY_CHOICES = ("rgb", "event", "dual")
 PAIRS_CHOICES = ("required", "dual", "any")
@@ -19,7 +20,12 @@ _PAIR_STATUS = ("dual", "rgb_only", "event_only")
 
 @dataclass
 class FrameBatch:
-    """Frames and boxes of a batch of images, in store pixels."""
+    """Frames and boxes of a batch of images, in store pixels.
+
+    ``bad`` marks images that could not be read when loading with ``skip_bad`` (their frames are
+    zeros, their boxes empty, their has_* flags False); ``problems`` lists (image id, file, reason)
+    for each of them.
+    """
 
     ids: np.ndarray
     rgb: np.ndarray
@@ -27,6 +33,12 @@ class FrameBatch:
     boxes: list[np.ndarray]
     has_rgb: np.ndarray
     has_event: np.ndarray
+    bad: np.ndarray | None = None
+    problems: list[tuple[int, str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.bad is None:
+            self.bad = np.zeros(len(self.ids), dtype=bool)
 
 
 def _load_coco(path: Path) -> dict[str, Any]:
@@ -54,6 +66,8 @@ class PreparedDataset:
     modality: rgb | event | dual. pairs: "required" keeps images that have the modality (both for
     dual), "dual" keeps true pairs only whatever the modality, "any" keeps every image (a missing
     modality reads as zeros). max_images keeps that many images spread evenly over the split.
+    skip_bad: ``load`` skips images it cannot read (frame store file damaged after prepare, source
+    frame missing or corrupt on the decoding path) instead of raising: see ``load``.
     """
 
     def __init__(
@@ -63,6 +77,7 @@ class PreparedDataset:
         modality: str = "dual",
         pairs: str = "required",
         max_images: int | None = None,
+        skip_bad: bool = False,
     ) -> None:
         if modality not in MODALITY_CHOICES:
             raise ValueError(f"modality must be one of {MODALITY_CHOICES}, got {modality!r}")
@@ -74,6 +89,7 @@ class PreparedDataset:
         self.split = split
         self.modality = modality
         self.pairs = pairs
+        self.skip_bad = skip_bad
         self.path = self.root / "annotations" / f"instances_{split}.json"
         self.coco = _load_coco(self.path)
         info = self.coco.get("info") or {}
@@ -203,25 +219,42 @@ class PreparedDataset:
             "avg_tdiff_ms": float(np.mean(tdiff)) if tdiff else 0.0,
         }
 
+    def damaged_images(self) -> list[tuple[int, str, str]]:
+        """(image id, file, reason) for the images of this split whose frame store file is missing,
+        unreadable or of the wrong size: one check per shard file, no frame is read."""
+        if self.store is None:
+            return []
+        in_store = self.store.has(self.ids)
+        return self.store.damaged(self.ids[in_store], _modalities_of(self.modality))
+
     def load(
         self,
         ids: Any,
         modalities: tuple[str, ...] | None = None,
         out: dict[str, np.ndarray] | None = None,
+        skip_bad: bool | None = None,
     ) -> FrameBatch:
         """Frames and boxes of ``ids`` (rows in that order) from the store, decoding as a fallback.
 
         ``modalities`` defaults to those of the dataset's modality; the others read as zeros and
         their has_* flags are False. ``out`` optionally gives preallocated (B, H, W, 3) uint8
-        arrays per modality to fill.
+        arrays per modality to fill. ``skip_bad`` (default: the dataset's) turns an unreadable image
+        into zeros without boxes, marked in ``bad`` and described in ``problems``; otherwise it
+        raises an error naming the file.
         """
+        skip = self.skip_bad if skip_bad is None else bool(skip_bad)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         mods = _modalities_of(self.modality) if modalities is None else tuple(modalities)
         pos = np.asarray([self._pos(i) for i in ids], dtype=np.int64)
         h, w = self.store_hw
+        bad = np.zeros(len(ids), dtype=bool)
+        problems: list[tuple[int, str, str]] = []
         in_store = self.store.has(ids) if self.store is not None else np.zeros(len(ids), dtype=bool)
         if self.store is not None and in_store.all():
-            frames = self.store.read(ids, mods, out=out)
+            if skip:
+                frames, bad, problems = self.store.read_valid(ids, mods, out=out)
+            else:
+                frames = self.store.read(ids, mods, out=out)
         else:
             frames = {}
             for m in mods:
@@ -232,23 +265,56 @@ class PreparedDataset:
                     buf[...] = 0
                 frames[m] = buf
             if self.store is not None and in_store.any():
-                got = self.store.read(ids[in_store], mods)
+                if skip:
+                    got, bad[in_store], found = self.store.read_valid(ids[in_store], mods)
+                    problems += found
+                else:
+                    got = self.store.read(ids[in_store], mods)
                 for m in mods:
                     frames[m][in_store] = got[m]
-            self._decode_missing(ids, pos, ~in_store, frames)
+            if skip:
+                problems += self._decode_skipping(ids, pos, ~in_store, frames, bad)
+            else:
+                self._decode_missing(ids, pos, ~in_store, frames)
         zeros = None
         for m in ("rgb", "event"):
             if m not in frames:
                 zeros = zeros if zeros is not None else np.zeros((len(ids), h, w, 3), dtype=np.uint8)
                 frames[m] = zeros
+        no_boxes = np.zeros((0, 4), dtype=np.float32)
         return FrameBatch(
             ids=ids,
             rgb=frames["rgb"],
             event=frames["event"],
-            boxes=[self._boxes[int(i)] for i in ids],
-            has_rgb=self.has_rgb[pos] & ("rgb" in mods),
-            has_event=self.has_event[pos] & ("event" in mods),
+            boxes=[no_boxes if b else self._boxes[int(i)] for i, b in zip(ids.tolist(), bad.tolist())],
+            has_rgb=self.has_rgb[pos] & ("rgb" in mods) & ~bad,
+            has_event=self.has_event[pos] & ("event" in mods) & ~bad,
+            bad=bad,
+            problems=problems,
         )
+
+    def _decode_skipping(
+        self,
+        ids: np.ndarray,
+        pos: np.ndarray,
+        missing: np.ndarray,
+        frames: dict[str, np.ndarray],
+        bad: np.ndarray,
+    ) -> list[tuple[int, str, str]]:
+        """Decode the ``missing`` rows one image at a time; an image with an unusable source frame
+        becomes zeros and is marked in ``bad``. Returns (image id, file, reason) per such image."""
+        problems: list[tuple[int, str, str]] = []
+        for row in np.flatnonzero(missing).tolist():
+            one = np.zeros(len(ids), dtype=bool)
+            one[row] = True
+            try:
+                self._decode_missing(ids, pos, one, frames)
+            except BadFrameError as e:
+                bad[row] = True
+                problems.append((int(ids[row]), str(e.path), e.reason))
+                for buf in frames.values():
+                    buf[row] = 0
+        return problems
 
     def _decode_missing(
         self, ids: np.ndarray, pos: np.ndarray, missing: np.ndarray, frames: dict[str, np.ndarray]
@@ -277,5 +343,8 @@ class PreparedDataset:
                 if name is None:
                     continue
                 frames[m][row] = read_frame(
-                    self.fred_root / name, w, h, orig_size=(int(img["width"]), int(img["height"]))
+                    resolve_under(self.fred_root, name, self.path),
+                    w,
+                    h,
+                    orig_size=(int(img["width"]), int(img["height"])),
                 )

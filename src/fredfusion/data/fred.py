@@ -39,12 +39,19 @@ EVENT_DIR = ("Event", "Frames")
 ANNOTATION_FILES = ("interpolated_coordinates.txt", "coordinates.txt")
 SPLIT_DIRS = ("train", "test")
 
-_SEQ_DIR_RE = re.compile(r"^\d+$")
-_ZIP_RE = re.compile(r"^(\d+)\.zip$", re.IGNORECASE)
+# All name patterns are used with ``fullmatch`` and ASCII digits only (``\d`` would also accept
+# other Unicode digits, which ``int`` converts); digit runs are bounded so that numbers fit int64.
+_SEQ_DIR_RE = re.compile(r"\d{1,9}", re.ASCII)
+_ZIP_RE = re.compile(r"(\d{1,9})\.zip", re.IGNORECASE | re.ASCII)
 # Video_<id>_<HH>_<MM>_<SS.ffffff>.jpg, the prefix is missing in some copies.
-_RGB_RE = re.compile(r"^(?:Video_\d+_)?(\d{1,2})_(\d{1,2})_(\d{1,2}(?:\.\d*)?)\.jpe?g$", re.IGNORECASE)
+_RGB_RE = re.compile(
+    r"(?:Video_\d+_)?(\d{1,2})_(\d{1,2})_(\d{1,2}(?:\.\d*)?)\.jpe?g", re.IGNORECASE | re.ASCII
+)
 # Video_<id>_frame_<t_us>.png, ``frame_`` is missing in some copies.
-_EVENT_RE = re.compile(r"^Video_\d+_(?:frame_)?(\d+)\.png$", re.IGNORECASE)
+_EVENT_RE = re.compile(r"Video_\d+_(?:frame_)?(\d{1,18})\.png", re.IGNORECASE | re.ASCII)
+# Line breaks of annotation files (line numbers count these, like an editor does).
+_LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 _MAX_EXAMPLES = 3
 _SECONDS_PER_DAY = 86400.0
@@ -98,6 +105,7 @@ class SequenceIndex:
     n_dropped_empty: int = 0
     n_malformed: int = 0
     problems: list[str] = field(default_factory=list)
+    n_duplicates: int = 0
 
     @property
     def n_boxes(self) -> int:
@@ -135,7 +143,7 @@ def scan_root(root: Path) -> FredScan:
             return
         for entry in entries:
             name = entry.name
-            if _SEQ_DIR_RE.match(name) and entry.is_dir():
+            if _SEQ_DIR_RE.fullmatch(name) and entry.is_dir():
                 seq_id = int(name)
                 path = Path(entry.path)
                 if seq_id in sequences:
@@ -145,7 +153,7 @@ def scan_root(root: Path) -> FredScan:
             elif descend and name.lower() in SPLIT_DIRS and entry.is_dir():
                 visit(Path(entry.path), descend=False)
             else:
-                match = _ZIP_RE.match(name)
+                match = _ZIP_RE.fullmatch(name)
                 if match:
                     zips.setdefault(int(match.group(1)), Path(entry.path))
 
@@ -182,7 +190,7 @@ def _parse_rgb_names(names: list[str]) -> tuple[list[str], list[float], list[str
     kept: list[str] = []
     times: list[float] = []
     bad: list[str] = []
-    match = _RGB_RE.match
+    match = _RGB_RE.fullmatch
     for name in names:
         m = match(name)
         if m is None:
@@ -203,7 +211,7 @@ def _parse_event_names(names: list[str]) -> tuple[list[str], list[int], list[str
     kept: list[str] = []
     times: list[int] = []
     bad: list[str] = []
-    match = _EVENT_RE.match
+    match = _EVENT_RE.fullmatch
     for name in names:
         m = match(name)
         if m is None:
@@ -270,7 +278,13 @@ def _read_events(seq_dir: str, root: str, problems: list[str]) -> tuple[list[str
 
 @dataclass
 class Annotations:
-    """Boxes parsed from one annotation file (see :func:`parse_annotations`)."""
+    """Boxes parsed from one annotation file (see :func:`parse_annotations`).
+
+    ``n_lines`` counts the data lines (not blank, not a ``#`` comment). Every data line ends up
+    in exactly one of: the kept boxes, ``n_malformed`` (unusable line), ``n_dropped_empty``
+    (empty or outside the frame after clipping) or ``n_duplicates`` (repeats an earlier line);
+    each line that is not kept has one ``path:line: reason`` entry in ``problems``.
+    """
 
     box_t: np.ndarray
     boxes: np.ndarray
@@ -280,6 +294,8 @@ class Annotations:
     n_dropped_empty: int
     n_malformed: int
     problems: list[str]
+    n_duplicates: int = 0
+    n_lines: int = 0
 
 
 def _parse_int(text: str) -> int | None:
@@ -293,16 +309,77 @@ def _parse_int(text: str) -> int | None:
         return int(value) if math.isfinite(value) and value.is_integer() else None
 
 
+_LINE_FORMAT = "expected 'time: x1, y1, x2, y2[, id, class]'"
+
+
+def _parse_line(line: str) -> tuple[tuple[float, ...], int, str] | str:
+    """``(time, x1, y1, x2, y2), track id, model`` of one data line, or the reason it is malformed."""
+    head, sep, rest = line.partition(":")
+    parts = rest.split(",", 5)
+    n = len(parts)
+    if not sep or n < 4:
+        return f"malformed line ({_LINE_FORMAT})"
+    try:
+        row = (float(head), float(parts[0]), float(parts[1]), float(parts[2]), float(parts[3]))
+    except ValueError:
+        return "malformed line (time or coordinate is not a number)"
+    track_id = -1
+    model = ""
+    if n >= 5:
+        fifth = parts[4].strip()
+        parsed = _parse_int(fifth) if fifth else None
+        if parsed is not None:
+            track_id = parsed
+        elif n == 5:
+            model = fifth  # a lone fifth column that is not an integer is the drone model
+        elif fifth:
+            return f"track id {fifth[:40]!r} is not an integer"
+        if n == 6:
+            model = parts[5].strip()
+    if not _INT64_MIN <= track_id <= _INT64_MAX:
+        return f"track id {str(track_id)[:40]} out of range (not an int64)"
+    return row, track_id, model
+
+
+def _duplicates(t: np.ndarray, track_ids: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows that repeat an earlier row: same time and track id, or (no id) same time and box.
+
+    Returns (mask of repeated rows, index of the first row of each row's group).
+    """
+    n = len(t)
+    if n < 2:
+        return np.zeros(n, dtype=bool), np.arange(n)
+    has_id = track_ids >= 0
+    box_key = np.where(has_id[:, None], 0.0, boxes)
+    keys = (box_key[:, 3], box_key[:, 2], box_key[:, 1], box_key[:, 0], track_ids, t)
+    order = np.lexsort(keys)  # stable: the first line of a group comes first
+    same = np.ones(n - 1, dtype=bool)
+    for k in keys:
+        ks = k[order]
+        same &= ks[1:] == ks[:-1]
+    starts = np.concatenate([[True], ~same])
+    first_sorted = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    first = np.empty(n, dtype=np.int64)
+    first[order] = order[first_sorted]
+    repeated = np.zeros(n, dtype=bool)
+    repeated[order[1:]] = same
+    return repeated, first
+
+
 def parse_annotations(
     data: bytes, path: str, width: int = FRAME_WIDTH, height: int = FRAME_HEIGHT
 ) -> Annotations:
-    """Parse the bytes of a FRED ``coordinates.txt``-style file.
+    """Parse the bytes of a FRED ``coordinates.txt``-style file; never raises on content.
 
     Lines are ``time: x1, y1, x2, y2[, id[, class]]`` (a lone fifth column that is not an
-    integer is taken as the class). Boxes are clipped to ``[0, width] x [0, height]``; boxes
-    that are empty after clipping are dropped and counted. Malformed lines (unparseable, NaN or
-    infinite numbers, negative time, ``x2 < x1`` or ``y2 < y1``) are skipped and reported as
-    ``path:line: reason``. Invalid UTF-8 is replaced and reported.
+    integer is taken as the class); blank lines and ``#`` comments are skipped. Boxes are
+    clipped to ``[0, width] x [0, height]`` (negative coordinates become 0). Every data line
+    that yields no box is reported as ``path:line: reason``: malformed lines (unparseable, NaN
+    or infinite numbers, negative time, ``x2 < x1`` or ``y2 < y1``, a track id that is not an
+    int64), boxes empty or outside the frame after clipping, and lines that repeat an earlier
+    line (same time and track id; for lines without an id, same time and box). Several boxes
+    may share a time. Invalid UTF-8 is replaced and reported. Lines are numbered as an editor
+    does (``\n``, ``\r\n`` or ``\r`` end a line).
     """
     try:
         text = data.decode("utf-8-sig")
@@ -311,51 +388,27 @@ def parse_annotations(
         bad_utf8 = True
     else:
         bad_utf8 = False
-    rows: list[tuple[float, float, float, float, float]] = []
+    rows: list[tuple[float, ...]] = []
     linenos: list[int] = []
     ids: list[int] = []
     models: list[str] = []
     issues: list[tuple[int, str]] = []  # (line number, reason)
     n_malformed = 0
+    n_lines = 0
 
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    for lineno, raw in enumerate(_LINE_BREAK_RE.split(text), start=1):
         line = raw.strip()
         if not line or line[0] == "#":
             continue
+        n_lines += 1
         if bad_utf8 and "\ufffd" in line:
             issues.append((lineno, "invalid UTF-8 bytes (replaced)"))
-        head, sep, rest = line.partition(":")
-        parts = rest.split(",", 5)
-        n = len(parts)
-        if not sep or n < 4:
+        parsed = _parse_line(line)
+        if isinstance(parsed, str):
             n_malformed += 1
-            issues.append((lineno, "malformed line (expected 'time: x1, y1, x2, y2[, id, class]')"))
+            issues.append((lineno, parsed))
             continue
-        try:
-            row = (float(head), float(parts[0]), float(parts[1]), float(parts[2]), float(parts[3]))
-        except ValueError:
-            n_malformed += 1
-            issues.append((lineno, "malformed line (time or coordinate is not a number)"))
-            continue
-        track_id = -1
-        model = ""
-        if n >= 5:
-            fifth = parts[4]
-            try:
-                track_id = int(fifth)
-            except ValueError:
-                fifth = fifth.strip()
-                parsed = _parse_int(fifth) if fifth else None
-                if parsed is not None:
-                    track_id = parsed
-                elif n == 5:
-                    model = fifth
-                elif fifth:
-                    n_malformed += 1
-                    issues.append((lineno, f"track id {fifth!r} is not an integer"))
-                    continue
-            if n == 6:
-                model = parts[5].strip()
+        row, track_id, model = parsed
         rows.append(row)
         linenos.append(lineno)
         ids.append(track_id)
@@ -366,47 +419,60 @@ def parse_annotations(
     negative = finite & (arr[:, 0] < 0)
     inverted = finite & ~negative & ((arr[:, 3] < arr[:, 1]) | (arr[:, 4] < arr[:, 2]))
     invalid = ~finite | negative | inverted
-    if invalid.any():
-        for i in np.flatnonzero(invalid).tolist():
-            if not finite[i]:
-                reason = "NaN or infinite value"
-            elif negative[i]:
-                reason = f"negative time {arr[i, 0]}"
-            else:
-                reason = "x2 < x1 or y2 < y1"
-            issues.append((linenos[i], reason))
-        n_malformed += int(np.count_nonzero(invalid))
-    issues.sort(key=lambda item: item[0])
-    problems = [f"{path}:{ln}: {reason}" for ln, reason in issues]
-    valid = np.flatnonzero(~invalid)
-    times = arr[valid, 0]
-    coords = arr[valid, 1:]
-    ids = [ids[i] for i in valid.tolist()] if len(valid) != len(ids) else ids
-    models = [models[i] for i in valid.tolist()] if len(valid) != len(models) else models
+    for i in np.flatnonzero(invalid).tolist():
+        if not finite[i]:
+            reason = "NaN or infinite value"
+        elif negative[i]:
+            reason = f"negative time {float(arr[i, 0])}"
+        else:
+            reason = "x2 < x1 or y2 < y1"
+        issues.append((linenos[i], reason))
+    n_malformed += int(np.count_nonzero(invalid))
 
-    box_t = times
-    raw_boxes = coords
+    box_t = arr[:, 0]
+    raw_boxes = arr[:, 1:]
     clipped = raw_boxes.copy()
     np.clip(clipped[:, 0::2], 0.0, float(width), out=clipped[:, 0::2])
     np.clip(clipped[:, 1::2], 0.0, float(height), out=clipped[:, 1::2])
-    changed = np.any(clipped != raw_boxes, axis=1)
-    empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
-    keep = ~empty
-    n_clipped = int(np.count_nonzero(changed & keep))
-    n_dropped = int(np.count_nonzero(empty))
+    boxes32 = clipped.astype(np.float32)
+    # Emptiness is judged on the stored float32 corners: x1 < x2 must hold after rounding too.
+    empty = ~invalid & ((boxes32[:, 2] <= boxes32[:, 0]) | (boxes32[:, 3] <= boxes32[:, 1]))
+    outside = (
+        (raw_boxes[:, 2] <= 0)
+        | (raw_boxes[:, 0] >= width)
+        | (raw_boxes[:, 3] <= 0)
+        | (raw_boxes[:, 1] >= height)
+    )
+    for i in np.flatnonzero(empty).tolist():
+        where = f"outside the {width}x{height} frame" if outside[i] else "empty (zero width or height)"
+        issues.append((linenos[i], f"box {where}; dropped"))
+
     track_arr = np.asarray(ids, dtype=np.int64)
-    kept_idx = np.flatnonzero(keep)
+    candidates = np.flatnonzero(~invalid & ~empty)
+    repeated, first = _duplicates(box_t[candidates], track_arr[candidates], raw_boxes[candidates])
+    for k in np.flatnonzero(repeated).tolist():
+        i, j = int(candidates[k]), int(candidates[first[k]])
+        same = f"track id {ids[i]}" if ids[i] >= 0 else "box"
+        issues.append(
+            (linenos[i], f"repeats line {linenos[j]} (same time {float(box_t[i])} and {same}); dropped")
+        )
+    kept_idx = candidates[~repeated]
+
+    issues.sort(key=lambda item: item[0])
+    changed = np.any(clipped[kept_idx] != raw_boxes[kept_idx], axis=1)
     # Sort by time (stable: lines of one time keep their file order).
     order = kept_idx[np.argsort(box_t[kept_idx], kind="stable")]
     return Annotations(
         box_t=box_t[order],
-        boxes=clipped[order].astype(np.float32),
+        boxes=boxes32[order],
         track_ids=track_arr[order],
         drone_models=[models[i] for i in order.tolist()],
-        n_clipped=n_clipped,
-        n_dropped_empty=n_dropped,
+        n_clipped=int(np.count_nonzero(changed)),
+        n_dropped_empty=int(np.count_nonzero(empty)),
         n_malformed=n_malformed,
-        problems=problems,
+        problems=[f"{path}:{ln}: {reason}" for ln, reason in issues],
+        n_duplicates=int(np.count_nonzero(repeated)),
+        n_lines=n_lines,
     )
 
 
@@ -416,12 +482,13 @@ def read_sequence(
     """Index one sequence folder: frame names and times of both modalities and the boxes.
 
     Never raises on bad content: missing folders, unrecognised file names, a missing annotation
-    file (all frames are then background) and malformed lines end up in ``problems``. Raises
+    file (all frames are then background), an annotation file without box lines and bad lines
+    (see :func:`parse_annotations`) end up in ``problems``. Raises
     :class:`FredError` only when ``seq_dir`` is not a folder named by an integer id.
     """
     seq_dir = Path(seq_dir).absolute()
     root = str(Path(fred_root).absolute())
-    if not _SEQ_DIR_RE.match(seq_dir.name):
+    if not _SEQ_DIR_RE.fullmatch(seq_dir.name):
         raise FredError(f"{seq_dir}: a sequence folder must be named by its integer id")
     if not seq_dir.is_dir():
         raise FredError(f"{seq_dir}: sequence folder not found")
@@ -451,6 +518,8 @@ def read_sequence(
     else:
         ann = parse_annotations(data, ann_path, width, height)
         problems.extend(ann.problems)
+        if ann.n_lines == 0:
+            problems.append(f"{ann_path}: annotation file has no box lines; all frames are background")
 
     return SequenceIndex(
         seq_id=int(seq_dir.name),
@@ -471,4 +540,5 @@ def read_sequence(
         n_dropped_empty=ann.n_dropped_empty,
         n_malformed=ann.n_malformed,
         problems=problems,
+        n_duplicates=ann.n_duplicates,
     )

@@ -4,6 +4,11 @@ Each DataLoader item is a whole batch read from the store with one gather, so th
 no per-image Python work beyond building the target rows. The sampler yields (epoch, index)
 keys and the workers derive the epoch's permutation from (seed, epoch) themselves, which keeps
 persistent workers correct across ``set_epoch`` calls.
+
+Images the dataset cannot read (``PreparedDataset(skip_bad=True)``: a frame store file damaged after
+prepare, a corrupt source frame) arrive as zeros without boxes; each batch carries their mask
+(``DeviceBatch.bad``, on the host) and descriptions (``DeviceBatch.problems``), so the counts cross
+from the worker processes to the training loop with the batch and cost no device sync.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,16 +25,28 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from fredfusion.data.dataset import PreparedDataset, _modalities_of
 
+_DEVICE_KEYS = ("rgb", "event", "targets")
+
 
 @dataclass
 class DeviceBatch:
-    """A batch on the device. Images are (B, 3, H, W) uint8 views with channels-last strides."""
+    """A batch on the device. Images are (B, 3, H, W) uint8 views with channels-last strides.
+
+    ``ids`` and ``bad`` stay on the host: ``bad`` (B,) bool marks images that could not be read
+    (zeros, no target rows); ``problems`` holds (image id, file, reason) for each of them.
+    """
 
     ids: torch.Tensor
     rgb: torch.Tensor | None
     event: torch.Tensor | None
     targets: torch.Tensor
     wait_s: float
+    bad: torch.Tensor | None = None
+    problems: list[tuple[int, str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.bad is None:
+            self.bad = torch.zeros(len(self.ids), dtype=torch.bool)
 
 
 def rank_indices(
@@ -113,7 +130,12 @@ class _BatchSource(Dataset):
         if targets.shape[0]:
             targets[:, 0] = np.repeat(np.arange(len(ids), dtype=np.float32), counts)
             targets[:, 2:] = np.concatenate(fb.boxes)
-        item: dict[str, Any] = {"ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets)}
+        item: dict[str, Any] = {
+            "ids": torch.from_numpy(ids),
+            "targets": torch.from_numpy(targets),
+            "bad": torch.from_numpy(np.asarray(fb.bad, dtype=bool)),
+            "problems": [list(p) for p in fb.problems],
+        }
         item.update(frames)
         return item
 
@@ -244,6 +266,8 @@ class BatchLoader:
             event=nchw(item.get("event")),
             targets=item["targets"],
             wait_s=wait_s,
+            bad=item.get("bad"),
+            problems=[(int(i), str(f), str(r)) for i, f, r in item.get("problems", [])],
         )
 
     def _iter_cuda(self, it: Iterator[dict[str, Any]]) -> Iterator[DeviceBatch]:
@@ -257,7 +281,9 @@ class BatchLoader:
             if item is None:
                 return None
             with torch.cuda.stream(stream):
-                moved = {k: (v if k == "ids" else v.to(device, non_blocking=True)) for k, v in item.items()}
+                moved = {
+                    k: (v.to(device, non_blocking=True) if k in _DEVICE_KEYS else v) for k, v in item.items()
+                }
             return moved, wait_s
 
         nxt = fetch()
@@ -266,7 +292,7 @@ class BatchLoader:
             main = torch.cuda.current_stream(device)
             main.wait_stream(stream)
             for k, v in cur.items():
-                if k != "ids":
+                if k in _DEVICE_KEYS:
                     v.record_stream(main)
             nxt = fetch()  # issue the next copy before handing out this batch
             yield self._to_batch(cur, wait_s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,32 +67,41 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def detect_frame_size(seq_dirs: list[Path], max_tries: int = 6) -> tuple[int, int] | None:
-    """``(width, height)`` of the first decodable frame found in the given sequence folders.
+def detect_frame_size(seq_dirs: list[Path], max_tries: int = 6, samples: int = 5) -> tuple[int, int] | None:
+    """``(width, height)`` of the source frames: the most common size among a few sample frames.
 
-    Looks at one file per frame folder (RGB folders, then event frames) and decodes at most
-    ``max_tries`` files; None when none could be decoded.
+    Looks at one file per frame folder (RGB folders, then event frames, sequence by sequence),
+    decodes up to ``samples`` of them, and gives up after ``max_tries`` files that do not decode;
+    a single odd frame (wrong size, corrupt) therefore does not decide the size of a whole tree.
+    Ties go to the size seen first. None when no frame could be decoded.
     """
-    tries = 0
+    sizes: list[tuple[int, int]] = []
+    failures = 0
     for seq_dir in seq_dirs:
         for sub in (*RGB_DIRS, os.path.join(*EVENT_DIR)):
             folder = seq_dir / sub
             try:
                 with os.scandir(folder) as it:
-                    name = next(
-                        (e.name for e in it if e.name.lower().endswith((".jpg", ".jpeg", ".png"))), None
-                    )
+                    names = sorted(e.name for e in it if e.name.lower().endswith((".jpg", ".jpeg", ".png")))
             except OSError:
                 continue
-            if name is None:
+            if not names:
                 continue
-            img = cv2.imread(str(folder / name), cv2.IMREAD_UNCHANGED)
+            img = cv2.imread(str(folder / names[0]), cv2.IMREAD_UNCHANGED)
             if img is not None and img.ndim >= 2:
-                return int(img.shape[1]), int(img.shape[0])
-            tries += 1
-            if tries >= max_tries:
-                return None
-    return None
+                sizes.append((int(img.shape[1]), int(img.shape[0])))
+                if len(sizes) >= samples:
+                    break
+            else:
+                failures += 1
+                if failures >= max_tries:
+                    break
+        if len(sizes) >= samples or failures >= max_tries:
+            break
+    if not sizes:
+        return None
+    counts = Counter(sizes)
+    return max(counts, key=lambda size: (counts[size], -sizes.index(size)))
 
 
 def store_size(imgsz: int, frame_size: tuple[int, int] = (FRAME_WIDTH, FRAME_HEIGHT)) -> tuple[int, int]:
@@ -161,6 +171,7 @@ def _sequence_row(seq: SequenceIndex, paired: PairedSequence, split: str) -> dic
         "clipped": seq.n_clipped,
         "malformed": seq.n_malformed,
         "dropped_empty": seq.n_dropped_empty,
+        "duplicates": seq.n_duplicates,
         "unmatched_boxes": paired.unmatched_boxes,
         "images": len(paired.images),
         "excluded_bad": 0,
@@ -375,6 +386,7 @@ def prepare(
         "clipped",
         "malformed",
         "dropped_empty",
+        "duplicates",
         "unmatched_boxes",
         "images",
         "excluded_bad",

@@ -432,7 +432,13 @@ def _run_jobs(
 
 
 class FrameStore:
-    """Random access to a built frame store (memmaps opened lazily, once per process)."""
+    """Random access to a built frame store (memmaps opened lazily, once per process).
+
+    The manifests are checked when the store is opened; a data file is checked (exists, readable,
+    size as in its manifest) once per process when first used, and stat'ed once per batch while it
+    is mapped. ``read`` raises an OSError naming a damaged file; ``read_valid`` returns its images
+    as zeros with a mask and the reasons; ``damaged`` lists them without reading.
+    """
 
     def __init__(self, store_dir: Path, expect_wh: tuple[int, int] | None = None) -> None:
         """Open ``store_dir``; ``expect_wh`` = (width, height) the caller needs (checked)."""
@@ -464,7 +470,6 @@ class FrameStore:
                 f"frame store {manifest_path} was built at {self.width}x{self.height}, expected "
                 f"{expect_wh[0]}x{expect_wh[1]}; {hint} with the wanted size"
             )
-        frame_bytes = self.width * self.height * 3
         self._files: list[dict[str, Path]] = []
         self._counts: list[int] = []
         ids: list[np.ndarray] = []
@@ -493,13 +498,9 @@ class FrameStore:
                 or len(meta.get("ids", [])) != n
             ):
                 raise ValueError(f"shard {json_path} does not match {manifest_path}; {hint}")
+            # Data files are checked (size against the manifest) when first used, once per process:
+            # a file damaged after prepare makes its images unreadable, not the whole store.
             files = {m: self.store_dir / names[m] for m in MODALITIES}
-            for p in files.values():
-                size = p.stat().st_size if p.is_file() else -1
-                if size != n * frame_bytes:
-                    raise ValueError(
-                        f"incomplete frame store: {p} has {size} bytes, expected {n * frame_bytes}; {hint}"
-                    )
             self._files.append(files)
             self._counts.append(n)
             ids.append(np.asarray(meta["ids"], dtype=np.int64))
@@ -517,15 +518,18 @@ class FrameStore:
         self._sorted_shard = shard_of[order]
         self._sorted_row = row_of[order]
         self._maps: dict[tuple[int, str], np.memmap] = {}
+        self._problems: dict[tuple[int, str], str | None] = {}
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_maps"] = {}
+        state["_problems"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._problems = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -550,27 +554,119 @@ class FrameStore:
         pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
         return self._sorted_ids[pos] == ids
 
-    def _map(self, shard: int, modality: str) -> np.memmap:
+    def _fresh_process(self) -> None:
+        """Memmaps and file checks belong to one process (DataLoader workers start without them)."""
         if self._pid != os.getpid():
             self._maps = {}
+            self._problems = {}
             self._pid = os.getpid()
+
+    def _problem(self, shard: int, modality: str) -> str | None:
+        """Why a shard data file cannot be read (missing, unreadable, size not the manifest's), else None.
+
+        Checked once per process and file (one open + fstat), never per frame.
+        """
+        self._fresh_process()
+        key = (shard, modality)
+        if key in self._problems:
+            return self._problems[key]
+        expected = self._counts[shard] * self.bytes_per_frame
+        try:
+            with open(self._files[shard][modality], "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+        except FileNotFoundError:
+            reason: str | None = "missing file"
+        except OSError as e:
+            reason = f"unreadable ({e.strerror or type(e).__name__})"
+        else:
+            reason = None
+            if size != expected:
+                reason = f"{size} bytes, expected {expected} (truncated or rewritten after prepare)"
+        self._problems[key] = reason
+        return reason
+
+    def _check(self, shard: int, modality: str) -> str | None:
+        """``_problem``, plus one stat when the file is already mapped in this process: a file
+        truncated under a live memmap would kill the reader with SIGBUS on the next copy, so a size
+        change since the mapping marks the file damaged and drops the mapping instead. Called once
+        per file and batch, not per frame."""
+        reason = self._problem(shard, modality)
+        key = (shard, modality)
+        if reason is None and key in self._maps:
+            try:
+                size = os.stat(self._files[shard][modality]).st_size
+            except FileNotFoundError:
+                reason = "missing file (deleted during training)"
+            except OSError as e:
+                reason = f"unreadable ({e.strerror or type(e).__name__})"
+            else:
+                expected = self._counts[shard] * self.bytes_per_frame
+                if size != expected:
+                    reason = f"{size} bytes, expected {expected} (changed during training)"
+            if reason is not None:
+                self._problems[key] = reason
+                del self._maps[key]
+        return reason
+
+    def _file_error(self, shard: int, modality: str, reason: str) -> OSError:
+        path = self._files[shard][modality]
+        if reason.startswith("missing file"):
+            return FileNotFoundError(f"frame store file missing: {path}; run `fredfusion prepare` again")
+        return OSError(f"frame store file {path}: {reason}; run `fredfusion prepare` again to rebuild it")
+
+    def _map(self, shard: int, modality: str) -> np.memmap:
+        self._fresh_process()
         key = (shard, modality)
         mm = self._maps.get(key)
         if mm is None:
-            path = self._files[shard][modality]
-            expected = self._counts[shard] * self.bytes_per_frame
-            try:
-                size = path.stat().st_size
-            except OSError:
-                raise FileNotFoundError(
-                    f"frame store file missing: {path}; run `fredfusion prepare` again"
-                ) from None
-            if size != expected:
-                raise OSError(f"frame store file {path} has {size} bytes, expected {expected}")
+            reason = self._problem(shard, modality)
+            if reason is not None:
+                raise self._file_error(shard, modality, reason)
             shape = (self._counts[shard], self.height, self.width, 3)
-            mm = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
+            try:
+                mm = np.memmap(self._files[shard][modality], dtype=np.uint8, mode="r", shape=shape)
+            except (OSError, ValueError) as e:  # changed between the check and the mapping
+                self._problems[key] = f"cannot be mapped ({e})"
+                raise self._file_error(shard, modality, self._problems[key]) from None
             self._maps[key] = mm
         return mm
+
+    def damaged(
+        self, ids: Sequence[int] | np.ndarray, modalities: tuple[str, ...] = MODALITIES
+    ) -> list[tuple[int, str, str]]:
+        """(image id, file, reason) for each of ``ids`` whose shard data file is missing, unreadable or
+        of the wrong size; one open + fstat per file, nothing is mapped or read."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        return self._damaged_rows(ids, self._locate(ids)[0], modalities, open_maps=False)[1]
+
+    def _locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row) of each id; KeyError naming the first id the store does not hold."""
+        found = self.has(ids)
+        if not found.all():
+            raise KeyError(f"image id {int(ids[~found][0])} is not in frame store {self.store_dir}")
+        pos = np.searchsorted(self._sorted_ids, ids)
+        return self._sorted_shard[pos], self._sorted_row[pos]
+
+    def _damaged_rows(
+        self, ids: np.ndarray, shards: np.ndarray, modalities: tuple[str, ...], open_maps: bool = True
+    ) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
+        bad = np.zeros(len(ids), dtype=bool)
+        reasons: dict[int, tuple[str, str]] = {}
+        for shard in np.unique(shards).tolist():
+            for m in modalities:
+                reason = self._check(shard, m)
+                if reason is None and open_maps:
+                    try:
+                        self._map(shard, m)
+                    except OSError:
+                        reason = self._problems[(shard, m)]
+                if reason is not None:
+                    rows = shards == shard
+                    for row in np.flatnonzero(rows & ~bad).tolist():
+                        reasons[row] = (str(self._files[shard][m]), reason)
+                    bad |= rows
+        problems = [(int(ids[row]), *reasons[row]) for row in sorted(reasons)]
+        return bad, problems
 
     def read(
         self,
@@ -582,15 +678,45 @@ class FrameStore:
 
         ``out`` may give preallocated (B, H, W, 3) uint8 arrays (e.g. views of pinned or shared
         buffers) to fill instead of allocating; each frame is copied once, straight from the
-        memmap into its row, shard by shard in file order.
+        memmap into its row, shard by shard in file order. A shard file that is missing, unreadable
+        or of the wrong size raises an OSError naming it (see ``read_valid`` to skip such images).
         """
+        ids, result = self._buffers(ids, modalities, out)
+        shards, rows = self._locate(ids)
+        for shard in np.unique(shards).tolist():
+            for m in result:
+                reason = self._check(shard, m)
+                if reason is not None:
+                    raise self._file_error(shard, m, reason)
+        self._gather(result, shards, rows, np.ones(len(ids), dtype=bool))
+        return result
+
+    def read_valid(
+        self,
+        ids: Sequence[int] | np.ndarray,
+        modalities: tuple[str, ...] = MODALITIES,
+        out: dict[str, np.ndarray] | None = None,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, str, str]]]:
+        """Like ``read``, but images whose shard file cannot be read come back as zeros instead of
+        raising: returns (frames, bad mask (B,), [(image id, file, reason) per bad image])."""
+        ids, result = self._buffers(ids, modalities, out)
+        shards, rows = self._locate(ids)
+        bad, problems = self._damaged_rows(ids, shards, tuple(result))
+        for buf in result.values():
+            buf[bad] = 0
+        self._gather(result, shards, rows, ~bad)
+        return result, bad, problems
+
+    def _buffers(
+        self,
+        ids: Sequence[int] | np.ndarray,
+        modalities: tuple[str, ...],
+        out: dict[str, np.ndarray] | None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         for m in modalities:
             if m not in MODALITIES:
                 raise ValueError(f"unknown modality {m!r}; expected one of {MODALITIES}")
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        found = self.has(ids)
-        if not found.all():
-            raise KeyError(f"image id {int(ids[~found][0])} is not in frame store {self.store_dir}")
         shape = (len(ids), self.height, self.width, 3)
         result: dict[str, np.ndarray] = {}
         for m in modalities:
@@ -600,12 +726,18 @@ class FrameStore:
             elif buf.shape != shape or buf.dtype != np.uint8:
                 raise ValueError(f"out[{m!r}] must be uint8 {shape}, got {buf.dtype} {buf.shape}")
             result[m] = buf
-        pos = np.searchsorted(self._sorted_ids, ids)
-        shards = self._sorted_shard[pos]
-        rows = self._sorted_row[pos]
+        return ids, result
+
+    def _gather(
+        self, result: dict[str, np.ndarray], shards: np.ndarray, rows: np.ndarray, keep: np.ndarray
+    ) -> None:
         order = np.lexsort((rows, shards))
-        for m in modalities:
-            buf = result[m]
+        order = order[keep[order]]
+        for m, buf in result.items():
+            maps: dict[int, np.memmap] = {}
             for k in order.tolist():
-                buf[k] = self._map(int(shards[k]), m)[rows[k]]
-        return result
+                shard = int(shards[k])
+                mm = maps.get(shard)
+                if mm is None:
+                    mm = maps[shard] = self._map(shard, m)
+                buf[k] = mm[rows[k]]

@@ -1,11 +1,26 @@
-"""The training loop: phases (freeze / unfreeze), AMP, EMA, schedule, evaluation, checkpoints, resume, DDP."""
+"""The training loop: phases (freeze / unfreeze), AMP, EMA, schedule, evaluation, checkpoints, resume, DDP.
+
+Faults the loop trains through, and where it stops (with a message naming what happened and what was kept):
+
+- unreadable train images (frame store file damaged after prepare, source frame gone or corrupt on the
+  decoding path) are skipped: zeros without boxes, counted per epoch; more than ``max_bad_frame_share``
+  of an epoch stops the run;
+- a step whose loss or gradients are not finite is skipped on the device (gradients zeroed, BN
+  statistics restored), counted, and checked on the host every ``log_interval`` steps; ``max_bad_steps``
+  in a row stop the run without saving the poisoned state;
+- out of memory in the first ``OOM_RETRY_STEPS`` steps of a phase halves the batch and rescales the
+  learning rate; later, or below batch 1, it stops the run;
+- a checkpoint that cannot be written (disk full, no permission) stops the run with the previous
+  checkpoint intact; an unwritable run folder stops it before training starts.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
-import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,13 +32,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fredfusion.config import TrainConfig, save_config
+from fredfusion.config import ConfigError, TrainConfig, save_config
 from fredfusion.data.augment import AugmentConfig, augment_batch
 from fredfusion.data.dataset import PreparedDataset
-from fredfusion.data.loader import BatchLoader
+from fredfusion.data.loader import BatchLoader, DeviceBatch
+from fredfusion.data.store import BadFrameError
 from fredfusion.engine.batchnorm import recalibrate_batchnorm
 from fredfusion.engine.checkpoint import (
     CheckpointError,
+    copy_checkpoint,
     load_checkpoint,
     model_meta,
     save_checkpoint,
@@ -36,6 +53,93 @@ from fredfusion.model import build_model, model_info
 from fredfusion.model.loss import LossConfig, YoloLoss
 
 DEFAULT_RGB_WEIGHTS = Path("logs/fred_rgb/fred_rgb_best.pth")
+OOM_RETRY_STEPS = 10  # out of memory within this many steps of a phase start halves the batch
+
+
+class TrainingStopped(SystemExit):
+    """The run met a fault it does not train through; the message says what happened and what was kept."""
+
+
+class _OutOfMemory(Exception):
+    """Leaves an epoch when the device ran out of memory (step = steps done in the phase)."""
+
+    def __init__(self, step: int, detail: str) -> None:
+        super().__init__(detail)
+        self.step = step
+        self.detail = detail
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The same memory seen as integers: arithmetic on it cannot produce or keep NaN."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _bit_groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Integer views of ``tensors`` grouped by device and width (one multi-tensor kernel per group)."""
+    groups: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.element_size()), []).append(_bits(t))
+    return list(groups.values())
+
+
+def _select_bits_(dst: list[torch.Tensor], src: list[torch.Tensor], take: torch.Tensor) -> None:
+    """dst = src where ``take`` (0/1, dst's dtype) is 1, else dst: bit-exact, NaN-proof."""
+    torch._foreach_mul_(dst, 1 - take)
+    torch._foreach_add_(dst, torch._foreach_mul(src, take))
+
+
+def zero_where_(tensors: list[torch.Tensor], flag: torch.Tensor) -> None:
+    """Set every tensor to zero when the 0-dim bool ``flag`` is true, without a host sync.
+
+    The integer view is multiplied by 0 or 1: unlike float multiplication this clears NaN and inf
+    too, and it is one multi-tensor kernel per device instead of one ``torch.where`` per tensor.
+    """
+    keep = ~flag
+    for bits in _bit_groups(tensors):
+        torch._foreach_mul_(bits, keep.to(device=bits[0].device, dtype=bits[0].dtype))
+
+
+def restore_where_(tensors: list[torch.Tensor], saved: list[torch.Tensor], flag: torch.Tensor) -> None:
+    """tensors = saved where the 0-dim bool ``flag`` is true, bit-exact and NaN-proof, no host sync."""
+    for dst, src in zip(_bit_groups(tensors), _bit_groups(saved)):
+        _select_bits_(dst, src, flag.to(device=dst[0].device, dtype=dst[0].dtype))
+
+
+class StepGuard:
+    """Keeps a step with a non-finite loss or gradient out of the model, on the device.
+
+    ``begin`` saves the floating-point buffers (BN running statistics, which a forward pass with NaN
+    activations would poison); ``end(bad, grads)`` zeroes the gradients and restores the buffers when
+    ``bad`` is true, and counts. ``counts`` (device, int64): current run of bad steps, longest run since
+    the last ``reset_longest``, bad steps since the last ``reset_epoch``. Nothing here syncs the host.
+    The buffers must keep their identity (in-place updates and load_state_dict do).
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.buffers = [b for b in model.buffers() if b.dtype.is_floating_point]
+        self.saved = [b.detach().clone() for b in self.buffers]
+        self._pairs = list(zip(_bit_groups(self.buffers), _bit_groups(self.saved)))
+        self.counts = torch.zeros(3, dtype=torch.int64, device=device)
+
+    def begin(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def end(self, bad: torch.Tensor, grads: list[torch.Tensor]) -> None:
+        if grads:
+            zero_where_(grads, bad)
+        for dst, src in self._pairs:
+            _select_bits_(dst, src, bad.to(device=dst[0].device, dtype=dst[0].dtype))
+        step = bad.to(torch.int64)
+        self.counts[0:1].add_(step).mul_(step)  # run + 1 after a bad step, 0 after a good one
+        self.counts[1:2] = torch.maximum(self.counts[1:2], self.counts[0:1])
+        self.counts[2:3].add_(step)
+
+    def reset_longest(self) -> None:
+        self.counts[1:2] = self.counts[0:1]
+
+    def reset_epoch(self) -> None:
+        self.counts[2:3].zero_()
 
 
 @dataclass
@@ -89,6 +193,9 @@ class Trainer:
         self.run_dir = cfg.run_dir()
         self.input_hw = (int(cfg.input_shape[0]), int(cfg.input_shape[1]))
         self.checks: dict[str, Any] = {}
+        self._batch_override: dict[bool, int] = {}  # phase (frozen) -> batch lowered after out of memory
+        self._phase_steps = 0  # steps done since the current phase (batch size) started
+        self._saved_epoch: int | None = None  # epoch of the last checkpoint on disk
 
     def log(self, message: str) -> None:
         if self.dist.main:
@@ -102,9 +209,24 @@ class Trainer:
                 torch.cuda.set_device(self.device)
             torch.distributed.init_process_group(backend=backend)
 
+    def _check_run_dir(self) -> None:
+        """Fail before any work when the run folder cannot be created or written."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=self.run_dir)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise TrainingStopped(
+                f"run folder {self.run_dir} is not writable ({exc.strerror or exc}); "
+                f"fix its permissions or free space, or choose another save_dir / name"
+            ) from None
+
     def _datasets(self) -> None:
         cfg = self.cfg
-        self.train_set = PreparedDataset(Path(cfg.data), "train", modality=cfg.modality, pairs=cfg.pairs)
+        self.train_set = PreparedDataset(
+            Path(cfg.data), "train", modality=cfg.modality, pairs=cfg.pairs, skip_bad=True
+        )
         if len(self.train_set) == 0:
             raise SystemExit(f"{cfg.data}: the train split has no usable images for modality {cfg.modality}")
         self.val_set = None
@@ -135,6 +257,31 @@ class Trainer:
         status = {int(im["id"]): im for im in self.train_set.images}
         self._dual_flag = {i: im.get("pair_status") == "dual" for i, im in status.items()}
         self._tdiff = {i: float(im.get("time_diff_ms") or 0.0) for i, im in status.items()}
+        self._check_damaged()
+
+    def _check_damaged(self) -> None:
+        """Frame store files damaged after prepare (one size check per file): their train images are
+        skipped when few enough, the run stops otherwise; val images must all be readable."""
+        cfg = self.cfg
+        hint = "run `fredfusion prepare` again to rebuild the damaged files"
+        damaged = self.train_set.damaged_images()
+        if damaged:
+            n, total = len(damaged), len(self.train_set)
+            text = (
+                f"{n} of {total} train images ({n / total:.2%}) are in damaged frame store files, "
+                f"e.g. {damaged[0][1]}: {damaged[0][2]}"
+            )
+            if n / total > cfg.max_bad_frame_share:
+                raise TrainingStopped(
+                    f"{text}; that is more than max_bad_frame_share {cfg.max_bad_frame_share:.2%}: {hint}"
+                )
+            self.log(f"warning: {text}; they are skipped in every epoch ({hint})")
+        damaged = self.val_set.damaged_images() if self.val_set is not None else []
+        if damaged:
+            raise TrainingStopped(
+                f"{len(damaged)} of {len(self.val_set)} val images are in damaged frame store files "
+                f"(e.g. {damaged[0][1]}: {damaged[0][2]}), so evaluation cannot read them: {hint}"
+            )
 
     def _loss_config(self) -> LossConfig:
         """Class gain scaled by classes / 80 (YOLOv5). The objectness gain is not shrunk with the input
@@ -205,7 +352,8 @@ class Trainer:
         """(frozen, batch size) of an epoch."""
         cfg = self.cfg
         frozen = (cfg.freeze_train or cfg.freeze_training) and epoch < cfg.freeze_epoch
-        return frozen, cfg.freeze_batch_size if frozen else cfg.unfreeze_batch_size
+        batch = cfg.freeze_batch_size if frozen else cfg.unfreeze_batch_size
+        return frozen, self._batch_override.get(frozen, batch)
 
     def _set_frozen(self, model: nn.Module, frozen: bool) -> None:
         for module in model.backbone_modules():
@@ -245,9 +393,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- main
     def fit(self) -> dict[str, Any]:
-        """Train, evaluate every eval_period epochs, save checkpoints; returns the final summary."""
+        """Train, evaluate every eval_period epochs, save checkpoints; returns the final summary.
+
+        Raises TrainingStopped (a SystemExit with the reason) on the faults listed in the module notes.
+        """
         cfg = self.cfg
         self._setup_distributed()
+        if self.dist.main:
+            self._check_run_dir()
         torch.manual_seed(cfg.seed + self.dist.rank)
         self._datasets()
         model = self._build_model().to(self.device)
@@ -262,6 +415,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optimizer, first_lr, cfg.momentum, cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.ema = ModelEMA(model) if cfg.ema else None
+        self.guard = StepGuard(model, self.device)
         self.loss_fn = YoloLoss(model.anchors, model.strides, 1, self._loss_config())
         self.schedule = LRSchedule(
             total_epochs=float(end_epoch - cfg.init_epoch if cfg.quick_test else end_epoch),
@@ -273,7 +427,10 @@ class Trainer:
         if cfg.resume:
             self._resume(state)
         if self.dist.main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            try:
+                save_config(cfg, self.run_dir / "config.yaml")
+            except ConfigError as exc:
+                raise TrainingStopped(str(exc)) from None
             self.log("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
         self.run_log = RunLog(self.run_dir, enabled=self.dist.main, resume=cfg.resume)
         if cfg.no_eval_map or self.val_set is None:
@@ -296,33 +453,84 @@ class Trainer:
         )
         wrapped, current_phase, loader = None, None, None
         summary: dict[str, Any] = {}
-        for epoch in range(state["epoch"], end_epoch):
-            frozen, batch = self._phase(epoch)
-            if current_phase != (frozen, batch):
-                self._set_frozen(unwrap(model), frozen)
-                wrapped = self._wrap(model)
-                loader = self._loader(
-                    self.train_set, batch, cfg.quick_test_batches if cfg.quick_test else None
-                )
-                base_lr = scaled_lr(
-                    cfg.init_lr, batch * self.dist.world_size, cfg.optimizer, cfg.nominal_batch
-                )
-                current_phase = (frozen, batch)
-                self.log(
-                    f"phase: {'freeze (backbones frozen)' if frozen else 'unfreeze'} from epoch {epoch + 1}, "
-                    f"batch {batch}, base lr {base_lr:.2e}"
-                )
-            special = epoch < cfg.special_aug_ratio * end_epoch
-            stats = self._train_epoch(epoch, end_epoch, wrapped, frozen, loader, base_lr, special)
-            summary = self._end_epoch(epoch, end_epoch, state, stats)
-        if self.dist.main:
-            self.run_log.close()
-            if cfg.quick_test:
-                self._print_checklist(summary)
+        try:
+            epoch = state["epoch"]
+            while epoch < end_epoch:
+                frozen, batch = self._phase(epoch)
+                if current_phase != (frozen, batch):
+                    loader = None  # let the previous phase's workers go first
+                    self._set_frozen(unwrap(model), frozen)
+                    wrapped = self._wrap(model)
+                    loader = self._loader(
+                        self.train_set, batch, cfg.quick_test_batches if cfg.quick_test else None
+                    )
+                    base_lr = scaled_lr(
+                        cfg.init_lr, batch * self.dist.world_size, cfg.optimizer, cfg.nominal_batch
+                    )
+                    current_phase = (frozen, batch)
+                    self._phase_steps = 0
+                    self.log(
+                        f"phase: {'freeze (backbones frozen)' if frozen else 'unfreeze'} from epoch "
+                        f"{epoch + 1}, batch {batch}, base lr {base_lr:.2e}"
+                    )
+                special = epoch < cfg.special_aug_ratio * end_epoch
+                oom: tuple[int, str] | None = None
+                try:
+                    stats = self._train_epoch(epoch, end_epoch, wrapped, frozen, loader, base_lr, special)
+                except _OutOfMemory as exc:
+                    oom = (exc.step, exc.detail)
+                if oom is not None:  # outside the handler: the failed step's tensors are released
+                    self._lower_batch(frozen, batch, *oom)
+                    continue
+                summary = self._end_epoch(epoch, end_epoch, state, stats)
+                epoch += 1
+        finally:
+            if self.dist.main:
+                self.run_log.close()
+        if self.dist.main and cfg.quick_test:
+            self._print_checklist(summary)
         if self.dist.world_size > 1:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         return summary
+
+    def _kept(self) -> str:
+        if self._saved_epoch is None:
+            return "no checkpoint was saved yet"
+        return f"the checkpoints in {self.run_dir} are kept as saved after epoch {self._saved_epoch}"
+
+    def _lower_batch(self, frozen: bool, batch: int, step: int, detail: str) -> None:
+        """After out of memory: halve the phase's batch and go on, or stop with the reason."""
+        cfg = self.cfg
+        where = f"out of memory on {self.device} at batch {batch} ({detail})"
+        key = "freeze_batch_size" if frozen else "unfreeze_batch_size"
+        if self.dist.world_size > 1:
+            raise TrainingStopped(
+                f"{where}; with several processes the batch is not lowered automatically: "
+                f"lower {key} or input_shape. {self._kept()}"
+            )
+        if step >= OOM_RETRY_STEPS:
+            raise TrainingStopped(
+                f"{where} at step {step + 1} of the phase, after the first {OOM_RETRY_STEPS} steps "
+                f"(where the batch is lowered automatically): lower {key} or input_shape. {self._kept()}"
+            )
+        if batch // 2 < 1:
+            raise TrainingStopped(
+                f"{where}: the model does not fit even at batch 1; use a smaller model or input_shape. "
+                f"{self._kept()}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():  # a step cut short leaves the scaler mid-iteration: keep its scale only
+            scaler_state = self.scaler.state_dict()
+            self.scaler = torch.amp.GradScaler("cuda", enabled=True)
+            self.scaler.load_state_dict(scaler_state)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        new = batch // 2
+        lr = scaled_lr(cfg.init_lr, new * self.dist.world_size, cfg.optimizer, cfg.nominal_batch)
+        self.log(f"out of memory at batch {batch}: retrying with batch {new}, lr {lr:.2e}")
+        self._batch_override[frozen] = new
 
     def _train_epoch(
         self,
@@ -333,17 +541,20 @@ class Trainer:
         loader: BatchLoader,
         base_lr: float,
         special: bool,
-    ) -> dict[str, float]:
+    ) -> dict[str, Any]:
         cfg = self.cfg
-        model, ema, optimizer, scaler = self.model, self.ema, self.optimizer, self.scaler
-        loss_fn, schedule, aug_cfg = self.loss_fn, self.schedule, self.aug_cfg
-        self._train_mode(unwrap(model), frozen)
+        optimizer, schedule, guard = self.optimizer, self.schedule, self.guard
+        self._train_mode(unwrap(self.model), frozen)
         loader.set_epoch(epoch)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(cfg.seed * 100003 + epoch * 1009 + self.dist.rank)
         steps = len(loader)
-        sums = torch.zeros(4, device=self.device)  # total, box, obj, cls
-        dual = seen = 0
+        epoch_images = steps * loader.batch_size
+        sums = torch.zeros(4, device=self.device)  # total, box, obj, cls over the good steps
+        good = torch.zeros((), device=self.device)  # steps whose loss and gradients were finite
+        guard.reset_epoch()
+        dual = seen = bad_images = reported_steps = 0
+        bad_example: tuple[int, str, str] | None = None
         tdiff_sum = 0.0
         wait = 0.0
         t_start = time.perf_counter()
@@ -355,77 +566,76 @@ class Trainer:
             leave=True,
         )
         lr = base_lr
+        mean = [math.nan] * 4
         iterator = iter(loader)
-        for i in range(steps):
-            t0 = time.perf_counter()
-            batch = next(iterator)
-            wait += time.perf_counter() - t0
-            progress = epoch + i / steps
-            lr = base_lr * schedule.factor(progress)
-            set_lr(optimizer, lr, schedule.momentum(progress, cfg.momentum))
-            rgb, event, targets = augment_batch(
-                batch.rgb,
-                batch.event,
-                batch.targets,
-                self.input_hw,
-                aug_cfg,
-                special=special,
-                generator=generator,
+        try:
+            for i in range(steps):
+                t0 = time.perf_counter()
+                batch = next(iterator)
+                wait += time.perf_counter() - t0
+                progress = epoch + i / steps
+                lr = base_lr * schedule.factor(progress)
+                set_lr(optimizer, lr, schedule.momentum(progress, cfg.momentum))
+                failed = None
+                try:
+                    values, ok = self._step(wrapped, batch, special, generator)
+                except torch.OutOfMemoryError as exc:
+                    failed = str(exc).splitlines()[0] if str(exc) else "out of memory"
+                if failed is not None:
+                    raise _OutOfMemory(self._phase_steps, failed)
+                self._phase_steps += 1
+                sums += torch.where(ok, values, torch.zeros_like(values))
+                good += ok
+                ids = batch.ids.tolist()
+                seen += len(ids)
+                for image_id in ids:
+                    if self._dual_flag.get(image_id):
+                        dual += 1
+                        tdiff_sum += self._tdiff[image_id]
+                n_bad = int(batch.bad.sum()) if batch.bad is not None else 0  # host tensor: no device sync
+                if n_bad:
+                    bad_images += n_bad
+                    bad_example = bad_example or (batch.problems[0] if batch.problems else None)
+                    if self.dist.world_size == 1 and bad_images > cfg.max_bad_frame_share * epoch_images:
+                        raise self._too_many_bad_images(epoch, bad_images, epoch_images, bad_example, True)
+                bar.update(1)
+                if (i + 1) % cfg.log_interval == 0 or i + 1 == steps:
+                    # the host reads the device counters only here, every log_interval steps
+                    host = torch.cat([sums, good.reshape(1), guard.counts.float()]).tolist()
+                    mean = [v / host[4] if host[4] else math.nan for v in host[:4]]  # good steps only
+                    reported_steps = self._check_bad_steps(epoch, i, host[5:], reported_steps)
+                    elapsed = time.perf_counter() - t_start
+                    rate = seen * self.dist.world_size / max(elapsed, 1e-9)
+                    bar.set_postfix_str(
+                        f"loss {mean[0]:.4f} lr {lr:.2e} dual {dual}/{seen} "
+                        f"({100 * dual / max(seen, 1):.1f}%) tdiff {tdiff_sum / max(dual, 1):.1f}ms "
+                        f"{rate:.0f} img/s wait {100 * wait / elapsed:.0f}%"
+                    )
+                    scalars = {
+                        "train/loss": mean[0],
+                        "train/box": mean[1],
+                        "train/obj": mean[2],
+                        "train/cls": mean[3],
+                        "train/lr": lr,
+                        "speed/pairs_per_s": rate,
+                        "speed/data_wait": wait / elapsed,
+                    }
+                    if self.device.type == "cuda":
+                        scalars["gpu/memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    self.run_log.scalars(scalars, epoch * steps + i)
+        finally:
+            bar.close()
+        bad_images, seen_all = self._sum_over_ranks(bad_images, seen)
+        if bad_images:
+            share = bad_images / max(seen_all, 1)
+            if share > cfg.max_bad_frame_share:
+                raise self._too_many_bad_images(epoch, bad_images, seen_all, bad_example, False)
+            example = f"; e.g. {bad_example[1]}: {bad_example[2]}" if bad_example else ""
+            self.log(
+                f"epoch {epoch + 1}: {bad_images} of {seen_all} train images ({share:.2%}) could not be "
+                f"read and were skipped{example}"
             )
-            if cfg.channels_last and self.device.type == "cuda":
-                rgb = rgb.contiguous(memory_format=torch.channels_last) if rgb is not None else None
-                event = event.contiguous(memory_format=torch.channels_last) if event is not None else None
-            autocast = (
-                torch.autocast(self.device.type, dtype=self.amp_dtype)
-                if self.amp_dtype
-                else contextlib.nullcontext()
-            )
-            with autocast:
-                preds = wrapped(rgb, event)
-            loss, parts = loss_fn([p.float() for p in preds], targets)
-            optimizer.zero_grad(set_to_none=True)
-            # YoloLoss returns mean * batch; scaling to the nominal batch (64) gives every batch size the
-            # per-image step of a 64-image batch, so Init_lr * batch / 64 is a plain linear-scaling rule.
-            scaler.scale(loss * (cfg.nominal_batch / max(len(batch.ids), 1))).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), max_norm=10.0)
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(model)
-            sums += torch.cat([loss.detach().reshape(1) / max(len(batch.ids), 1), parts.detach().float()])
-            ids = batch.ids.tolist()
-            seen += len(ids)
-            for image_id in ids:
-                if self._dual_flag.get(image_id):
-                    dual += 1
-                    tdiff_sum += self._tdiff[image_id]
-            bar.update(1)
-            if (i + 1) % cfg.log_interval == 0 or i + 1 == steps:
-                elapsed = time.perf_counter() - t_start
-                mean = (sums / (i + 1)).tolist()  # host sync only every log_interval steps
-                rate = seen * self.dist.world_size / max(elapsed, 1e-9)
-                bar.set_postfix_str(
-                    f"loss {mean[0]:.4f} lr {lr:.2e} dual {dual}/{seen} ({100 * dual / max(seen, 1):.1f}%) "
-                    f"tdiff {tdiff_sum / max(dual, 1):.1f}ms {rate:.0f} img/s "
-                    f"wait {100 * wait / elapsed:.0f}%"
-                )
-                step = epoch * steps + i
-                scalars = {
-                    "train/loss": mean[0],
-                    "train/box": mean[1],
-                    "train/obj": mean[2],
-                    "train/cls": mean[3],
-                    "train/lr": lr,
-                    "speed/pairs_per_s": rate,
-                    "speed/data_wait": wait / elapsed,
-                }
-                if self.device.type == "cuda":
-                    scalars["gpu/memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                self.run_log.scalars(scalars, step)
-        bar.close()
         elapsed = time.perf_counter() - t_start
-        mean = (sums / max(steps, 1)).tolist()
         return {
             "train_loss": mean[0],
             "box_loss": mean[1],
@@ -436,65 +646,143 @@ class Trainer:
             "data_wait": wait / max(elapsed, 1e-9),
             "dual": dual,
             "seen": seen,
+            "bad_frames": bad_images,
+            "bad_steps": reported_steps,
         }
+
+    def _step(
+        self, wrapped: nn.Module, batch: DeviceBatch, special: bool, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step. Returns ([loss per image, box, obj, cls], finite flag), on the device.
+
+        A non-finite loss (or non-finite gradients without a GradScaler, which skips those itself)
+        zeroes the gradients and restores the BN statistics (StepGuard): the weights, the optimizer
+        state and the EMA never see NaN, and nothing here waits for the device.
+        """
+        cfg = self.cfg
+        model, optimizer, scaler, guard = self.model, self.optimizer, self.scaler, self.guard
+        rgb, event, targets = augment_batch(
+            batch.rgb,
+            batch.event,
+            batch.targets,
+            self.input_hw,
+            self.aug_cfg,
+            special=special,
+            generator=generator,
+        )
+        if cfg.channels_last and self.device.type == "cuda":
+            rgb = rgb.contiguous(memory_format=torch.channels_last) if rgb is not None else None
+            event = event.contiguous(memory_format=torch.channels_last) if event is not None else None
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype
+            else contextlib.nullcontext()
+        )
+        guard.begin()
+        with autocast:
+            preds = wrapped(rgb, event)
+        loss, parts = self.loss_fn([p.float() for p in preds], targets)
+        optimizer.zero_grad(set_to_none=True)
+        n = max(len(batch.ids), 1)
+        # YoloLoss returns mean * batch; scaling to the nominal batch (64) gives every batch size the
+        # per-image step of a 64-image batch, so Init_lr * batch / 64 is a plain linear-scaling rule.
+        scaler.scale(loss * (cfg.nominal_batch / n)).backward()
+        scaler.unscale_(optimizer)
+        params = list(unwrap(model).parameters())
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)
+        bad = ~torch.isfinite(loss.detach())
+        if not scaler.is_enabled():
+            bad = bad | ~torch.isfinite(norm)
+        guard.end(bad, [p.grad for p in params if p.grad is not None])
+        scaler.step(optimizer)
+        scaler.update()
+        if self.ema is not None:
+            self.ema.update(model)
+        return torch.cat([loss.detach().reshape(1) / n, parts.detach().float()]), ~bad
+
+    def _check_bad_steps(self, epoch: int, step: int, counts: list[float], reported: int) -> int:
+        """Host side of StepGuard, every log_interval steps: log new skipped steps, stop after a run
+        of max_bad_steps. Returns the number of bad steps of the epoch reported so far."""
+        cfg = self.cfg
+        if self.dist.world_size > 1:  # every rank must take the same decision
+            shared = torch.tensor(counts, device=self.device)
+            torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+            counts = shared.tolist()
+        _run, longest, total = (int(v) for v in counts)
+        if total > reported:
+            self.log(
+                f"epoch {epoch + 1} step {step + 1}: {total - reported} step(s) with a non-finite loss or "
+                f"gradient (NaN/inf) skipped, {total} in this epoch"
+            )
+        if longest >= cfg.max_bad_steps:
+            raise TrainingStopped(
+                f"stopping at epoch {epoch + 1} step {step + 1}: {longest} consecutive steps had a "
+                f"non-finite loss or gradient (NaN/inf), max_bad_steps is {cfg.max_bad_steps}. Those steps "
+                f"did not change the weights and nothing of this epoch was saved; {self._kept()}. "
+                f"Try a lower init_lr, fp16 false, or check the data."
+            )
+        self.guard.reset_longest()
+        return total
+
+    def _sum_over_ranks(self, *values: int) -> tuple[int, ...]:
+        if self.dist.world_size == 1:
+            return values
+        shared = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(shared)
+        return tuple(int(v) for v in shared.tolist())
+
+    def _too_many_bad_images(
+        self, epoch: int, bad: int, total: int, example: tuple[int, str, str] | None, early: bool
+    ) -> TrainingStopped:
+        cfg = self.cfg
+        count = f"at least {bad} of the epoch's {total}" if early else f"{bad} of {total}"
+        detail = f"e.g. {example[1]}: {example[2]}" if example else "no detail"
+        return TrainingStopped(
+            f"stopping in epoch {epoch + 1}: {count} train images ({bad / max(total, 1):.2%}) could not be "
+            f"read, more than max_bad_frame_share {cfg.max_bad_frame_share:.2%}; {detail}. "
+            f"Run `fredfusion prepare` again (it rebuilds damaged frame store files) or raise "
+            f"max_bad_frame_share. {self._kept()}"
+        )
 
     def _end_epoch(
         self, epoch: int, end_epoch: int, state: dict[str, Any], stats: dict[str, Any]
     ) -> dict[str, Any]:
         cfg = self.cfg
-        model, ema, loss_fn = self.model, self.ema, self.loss_fn
+        model, ema = self.model, self.ema
         last = epoch + 1 == end_epoch
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             **{
                 k: stats[k]
-                for k in ("train_loss", "box_loss", "obj_loss", "cls_loss", "lr", "pairs_per_s", "data_wait")
+                for k in (
+                    "train_loss",
+                    "box_loss",
+                    "obj_loss",
+                    "cls_loss",
+                    "lr",
+                    "pairs_per_s",
+                    "data_wait",
+                    "bad_frames",
+                    "bad_steps",
+                )
             },
         }
         eval_model = ema.module if ema is not None else unwrap(model)
         do_eval = self.val_set is not None and ((epoch + 1) % cfg.eval_period == 0 or last or cfg.quick_test)
         if do_eval and self.dist.main:
-            from fredfusion.eval.evaluator import evaluate
-
-            if cfg.precise_bn > 0:
-                recalibrate_batchnorm(
-                    eval_model,
-                    self.train_set,
-                    self.input_hw,
-                    images=cfg.precise_bn,
-                    batch_size=cfg.eval_batch_size,
-                    device=self.device,
-                    amp_dtype=self.amp_dtype,
-                    seed=cfg.seed + epoch,
-                    frozen=eval_model.backbone_modules() if self._phase(epoch)[0] else None,
-                )
-            result = evaluate(
-                eval_model,
-                self.val_set,
-                batch_size=cfg.eval_batch_size,
-                device=self.device,
-                input_hw=self.input_hw,
-                conf=cfg.conf_thres,
-                iou=cfg.nms_iou,
-                amp_dtype=self.amp_dtype,
-                loss_fn=loss_fn,
-                num_workers=0,
-                compute_map=not cfg.no_eval_map,
-            )
-            row["val_loss"] = result.metrics.get("val_loss")
-            if not cfg.no_eval_map:
-                row["mAP50"] = result.metrics.get("mAP50")
-                row["mAP50_95"] = result.metrics.get("mAP50_95")
-                self.log(
-                    f"epoch {epoch + 1}: mAP50 {row['mAP50']:.4f}  mAP50:95 {row['mAP50_95']:.4f}  "
-                    f"val_loss {row['val_loss']:.4f}  ({result.metrics.get('pairs_per_s', 0):.0f} pairs/s)"
-                )
-            else:
-                self.log(f"epoch {epoch + 1}: val_loss {row['val_loss']:.4f}")
-            self._log_val_images(eval_model, epoch)
+            try:
+                self._evaluate(epoch, eval_model, row)
+            except (OSError, BadFrameError) as exc:
+                raise TrainingStopped(
+                    f"evaluation after epoch {epoch + 1} could not read its images: {exc}. "
+                    f"Run `fredfusion prepare` again to rebuild damaged files; {self._kept()}"
+                ) from None
         if self.dist.main:
             self.run_log.scalars(
                 {f"val/{k}": row.get(k) for k in ("mAP50", "mAP50_95", "val_loss")}, epoch + 1
+            )
+            self.run_log.scalars(
+                {"train/bad_frames": row["bad_frames"], "train/bad_steps": row["bad_steps"]}, epoch + 1
             )
             self.run_log.epoch_row(row)
             self._save(epoch, state, row)
@@ -510,6 +798,48 @@ class Trainer:
         )
         return summary
 
+    def _evaluate(self, epoch: int, eval_model: nn.Module, row: dict[str, Any]) -> None:
+        """Precise BN, then validation loss / mAP into ``row`` and preview images to TensorBoard."""
+        from fredfusion.eval.evaluator import evaluate
+
+        cfg = self.cfg
+        if cfg.precise_bn > 0:
+            recalibrate_batchnorm(
+                eval_model,
+                self.train_set,
+                self.input_hw,
+                images=cfg.precise_bn,
+                batch_size=cfg.eval_batch_size,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+                seed=cfg.seed + epoch,
+                frozen=eval_model.backbone_modules() if self._phase(epoch)[0] else None,
+            )
+        result = evaluate(
+            eval_model,
+            self.val_set,
+            batch_size=cfg.eval_batch_size,
+            device=self.device,
+            input_hw=self.input_hw,
+            conf=cfg.conf_thres,
+            iou=cfg.nms_iou,
+            amp_dtype=self.amp_dtype,
+            loss_fn=self.loss_fn,
+            num_workers=0,
+            compute_map=not cfg.no_eval_map,
+        )
+        row["val_loss"] = result.metrics.get("val_loss")
+        if not cfg.no_eval_map:
+            row["mAP50"] = result.metrics.get("mAP50")
+            row["mAP50_95"] = result.metrics.get("mAP50_95")
+            self.log(
+                f"epoch {epoch + 1}: mAP50 {row['mAP50']:.4f}  mAP50:95 {row['mAP50_95']:.4f}  "
+                f"val_loss {row['val_loss']:.4f}  ({result.metrics.get('pairs_per_s', 0):.0f} pairs/s)"
+            )
+        else:
+            self.log(f"epoch {epoch + 1}: val_loss {row['val_loss']:.4f}")
+        self._log_val_images(eval_model, epoch)
+
     def _score(self, row: dict[str, Any]) -> float | None:
         """Higher is better. mAP when evaluated, else minus the validation (or training) loss."""
         metric = self.cfg.best_metric
@@ -519,6 +849,17 @@ class Trainer:
         return None if loss is None or not math.isfinite(loss) else -float(loss)
 
     def _save(self, epoch: int, state: dict[str, Any], row: dict[str, Any]) -> None:
+        """best.pth (when the score improved), last.pth, epNNN.pth; a failed write stops the run."""
+        try:
+            self._write_checkpoints(epoch, state, row)
+        except CheckpointError as exc:
+            raise TrainingStopped(
+                f"{exc}. Training stopped after epoch {epoch + 1}; free space or fix permissions, then "
+                f"continue with --resume"
+            ) from None
+        self._saved_epoch = epoch + 1
+
+    def _write_checkpoints(self, epoch: int, state: dict[str, Any], row: dict[str, Any]) -> None:
         cfg = self.cfg
         model, ema, optimizer, scaler = self.model, self.ema, self.optimizer, self.scaler
         meta = model_meta(unwrap(model))
@@ -534,8 +875,7 @@ class Trainer:
             }
             save_checkpoint(best, self.run_dir / "best.pth")
             if cfg.best_alias:
-                Path(cfg.best_alias).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(self.run_dir / "best.pth", cfg.best_alias)
+                copy_checkpoint(self.run_dir / "best.pth", Path(cfg.best_alias))
         payload = {
             "meta": meta,
             "model": unwrap(model).state_dict(),
@@ -554,14 +894,20 @@ class Trainer:
         }
         save_checkpoint(payload, self.run_dir / "last.pth")
         if cfg.save_period > 0 and (epoch + 1) % cfg.save_period == 0:
-            shutil.copyfile(self.run_dir / "last.pth", self.run_dir / f"ep{epoch + 1:03d}.pth")
+            copy_checkpoint(self.run_dir / "last.pth", self.run_dir / f"ep{epoch + 1:03d}.pth")
 
     def _resume(self, state: dict[str, Any]) -> None:
         model, ema, optimizer, scaler = self.model, self.ema, self.optimizer, self.scaler
         path = self.run_dir / "last.pth"
         if not path.is_file():
             raise SystemExit(f"--resume: {path} not found (nothing to resume in {self.run_dir})")
-        payload = load_checkpoint(path)
+        try:
+            payload = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise SystemExit(f"--resume: {exc}") from None
+        missing = [k for k in ("model", "optimizer", "epoch", "rng") if k not in payload]
+        if missing:
+            raise SystemExit(f"--resume: {path} is not a training checkpoint (no {', '.join(missing)})")
         meta = payload.get("meta", {})
         mine = model_meta(unwrap(model))
         for key in ("modality", "size", "fusion"):
@@ -581,6 +927,7 @@ class Trainer:
         state.update(
             epoch=int(payload["epoch"]), best=payload.get("best"), best_epoch=payload.get("best_epoch")
         )
+        self._saved_epoch = state["epoch"]
         self.checks["weights"] = f"resumed from {path} at epoch {state['epoch']}"
         self.log(
             f"resume: {path}, continuing at epoch {state['epoch'] + 1} "
@@ -611,6 +958,11 @@ class Trainer:
             ("weights", self.checks.get("weights", "?")),
             ("throughput", f"{summary.get('pairs_per_s', 0):.1f} pairs/s"),
             ("data-wait share", f"{100 * summary.get('data_wait', 0):.1f}%"),
+            (
+                "faults",
+                f"{summary.get('bad_frames', 0)} unreadable images, "
+                f"{summary.get('bad_steps', 0)} non-finite steps skipped",
+            ),
             ("GPU memory", mem),
             (
                 "mini evaluation",

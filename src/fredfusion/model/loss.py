@@ -4,8 +4,10 @@ Every target is expanded into ``anchors_per_level x 5`` candidates per level (ea
 target's own cell and its 4 neighbour cells). A candidate is positive when the anchor matches the
 box size (wh ratio < ``anchor_t``) and the neighbour lies on the near side of the target centre
 (YOLOv5 offsets with ``g = 0.5``). Losses are computed for all candidates and masked with weights,
-so tensor sizes depend only on the number of targets: no Python loop over images, targets or
-anchors, and no host synchronisation.
+so tensor sizes depend only on the number of target rows: no Python loop over images, targets or
+anchors, and no host synchronisation (only the first call on a device copies the anchors there).
+Rows that hold no box (e.g. the augmentation's ``[-1, -1, 0, 0, 0, 0]`` marker: image or class out
+of range, or an empty box) are never positive, so they can stay in the targets tensor.
 """
 
 from __future__ import annotations

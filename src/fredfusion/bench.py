@@ -1,0 +1,760 @@
+"""Throughput of the training path, part by part: `fredfusion bench`.
+
+One run measures, on a prepared folder and with the package's own components:
+
+1. ``read``: frame store -> pinned host memory -> device through ``BatchLoader`` (pairs/s), plus the
+   one-process ``PreparedDataset.load`` gather rate (what one loader worker delivers);
+2. ``augment``: ``augment_batch`` with Mosaic + MixUp on the device (pairs/s);
+3. ``step``: one training step (forward, loss, backward, clipped optimizer step, EMA) on synthetic
+   data already on the device (pairs/s, ms/step, effective TFLOP/s = GFLOPs/pair x 3 x pairs/s);
+4. ``train``: the end-to-end loop loader -> augment -> step (pairs/s, share of wall time waiting on data,
+   and the share of the augment+step bound ``1 / (1/augment + 1/step)``: both run on the device);
+5. ``eval``: the evaluator's batched inference + NMS (pairs/s, no COCO metrics).
+
+Warm-up iterations are excluded from every timing (the loader parts warm up for at least the
+batches their workers prefetch, workers x prefetch_factor); on CUDA the device is synchronized around each
+timed region, the model runs in bf16 autocast (fp16 where bf16 is missing) with channels_last, as in
+training. The slowest of read / augment / step bounds the end-to-end rate; the verdict names it and
+flags a data-wait share above 5%. Results are printed as a table and written to ``OUT/bench.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fredfusion.config import TrainConfig
+from fredfusion.data.augment import AugmentConfig, augment_batch
+from fredfusion.data.dataset import PreparedDataset, _modalities_of
+from fredfusion.data.loader import BatchLoader, DeviceBatch
+
+__all__ = [
+    "BOUND_PARTS",
+    "DATA_WAIT_LIMIT",
+    "LABELS",
+    "PARTS",
+    "augment_config",
+    "format_table",
+    "run_bench",
+    "verdict",
+]
+
+PARTS = ("read", "augment", "step", "train", "eval")
+"""The five measurements, in the order they run (names accepted by ``skip``)."""
+BOUND_PARTS = ("read", "augment", "step")
+"""The parts whose rates bound the end-to-end rate."""
+DATA_WAIT_LIMIT = 0.05
+"""End-to-end data-wait share above which the verdict flags the loader."""
+LABELS = {
+    "read": "store read",
+    "augment": "augment",
+    "step": "model step",
+    "train": "end to end",
+    "eval": "eval",
+}
+_KIND = {"read": "data", "augment": "augmentation", "step": "model"}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fmt(rate: float) -> str:
+    """A rate with as many decimals as it needs to be readable (3 significant digits below 100)."""
+    if rate >= 100:
+        return f"{rate:.0f}"
+    if rate >= 10:
+        return f"{rate:.1f}"
+    return f"{rate:.2f}"
+
+
+def augment_config(cfg: TrainConfig) -> AugmentConfig:
+    """The augmentation settings a training run with ``cfg`` uses (as the trainer builds them)."""
+    return AugmentConfig(
+        mosaic=cfg.mosaic,
+        mosaic_prob=cfg.mosaic_prob,
+        mixup=cfg.mixup,
+        mixup_prob=cfg.mixup_prob,
+        translate=cfg.translate,
+        scale=cfg.scale,
+        fliplr=cfg.fliplr,
+        hsv_h=cfg.hsv_h,
+        hsv_s=cfg.hsv_s,
+        hsv_v=cfg.hsv_v,
+    )
+
+
+def _open_split(data: Path, split: str, modality: str, pairs: str) -> PreparedDataset:
+    return PreparedDataset(data, split, modality=modality, pairs=pairs)
+
+
+def _train_dataset(data: Path, modality: str) -> PreparedDataset:
+    """The train split, with the checks that make a missing or unbuilt folder a one-line error."""
+    if not data.is_dir():
+        raise FileNotFoundError(
+            f"bench: prepared folder {data} does not exist; run `fredfusion prepare --out {data}` first"
+        )
+    train_json = data / "annotations" / "instances_train.json"
+    if not train_json.is_file():
+        raise FileNotFoundError(
+            f"bench: {data} is not a prepared folder ({train_json} is missing); "
+            f"run `fredfusion prepare --out {data}` first"
+        )
+    ds = _open_split(data, "train", modality, "required")
+    if ds.store is None:
+        raise FileNotFoundError(
+            f"bench: {data} has no frame store ({ds.store_dir / 'manifest.json'} is missing); "
+            f"run `fredfusion prepare --out {data}` to build it"
+        )
+    if len(ds) == 0:
+        raise ValueError(f"bench: the train split of {data} has no images for modality {modality}")
+    return ds
+
+
+def _eval_dataset(data: Path, modality: str, fallback: PreparedDataset) -> tuple[PreparedDataset, str]:
+    """The split the trainer evaluates on (val, true pairs), else test, else train."""
+    for split in ("val", "test"):
+        try:
+            ds = _open_split(data, split, modality, "dual")
+        except FileNotFoundError:
+            continue
+        if len(ds):
+            return ds, split
+    return fallback, "train"
+
+
+def _cycle(loader: BatchLoader, epoch: int = 0) -> Iterator[DeviceBatch]:
+    """Batches of ``loader`` over consecutive epochs, without end."""
+    while True:
+        loader.set_epoch(epoch)
+        count = 0
+        for item in loader:
+            count += 1
+            yield item
+        if count == 0:
+            raise ValueError("bench: the loader yields no batches")
+        epoch += 1
+
+
+def _loader(
+    ds: PreparedDataset, batch: int, workers: int, device: torch.device, seed: int, **extra: Any
+) -> BatchLoader:
+    """A training loader with the trainer's settings (shuffled, last partial batch dropped)."""
+    cfg = TrainConfig()
+    return BatchLoader(
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=len(ds) >= batch,
+        num_workers=workers,
+        prefetch_factor=cfg.prefetch_factor,
+        persistent_workers=workers > 0,
+        device=device,
+        seed=seed,
+        **extra,
+    )
+
+
+def _loader_warmup(warmup: int, loader: BatchLoader) -> int:
+    """Warm-up batches of a loader part: at least the batches its workers prefetch while starting, so
+    that batches made ready before the timed region do not inflate the rate."""
+    return max(warmup, loader.num_workers * loader.prefetch_factor) if warmup else 0
+
+
+def _commit() -> str | None:
+    """Short git commit of the source tree, when it is a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what the platform module reports."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "commit": _commit(),
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+# ------------------------------------------------------------------------------- the training step
+class _TrainStep:
+    """One optimizer step of the trainer (autocast forward, fp32 loss, nominal-batch scaling,
+    GradScaler, gradient clipping, EMA update), with the trainer's settings."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        wrapped: nn.Module,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        cfg: TrainConfig,
+        batch: int,
+    ) -> None:
+        from fredfusion.engine.ema import ModelEMA
+        from fredfusion.engine.optim import build_optimizer, scaled_lr
+        from fredfusion.model.loss import LossConfig, YoloLoss
+
+        self.model, self.wrapped, self.device, self.amp_dtype = model, wrapped, device, amp_dtype
+        self.channels_last = cfg.channels_last and device.type == "cuda"
+        self.nominal_batch = cfg.nominal_batch
+        lr = scaled_lr(cfg.init_lr, batch, cfg.optimizer, cfg.nominal_batch)
+        self.optimizer = build_optimizer(model, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        self.ema = ModelEMA(model) if cfg.ema else None
+        base = LossConfig()
+        self.loss_fn = YoloLoss(model.anchors, model.strides, 1, LossConfig(cls=base.cls / 80))
+        self.sums = torch.zeros(4, device=device)
+
+    def __call__(self, rgb: torch.Tensor | None, event: torch.Tensor | None, targets: torch.Tensor) -> None:
+        n = (rgb if rgb is not None else event).shape[0]  # type: ignore[union-attr]
+        if self.channels_last:
+            rgb = rgb.contiguous(memory_format=torch.channels_last) if rgb is not None else None
+            event = event.contiguous(memory_format=torch.channels_last) if event is not None else None
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            preds = self.wrapped(rgb, event)
+        loss, parts = self.loss_fn([p.float() for p in preds], targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss * (self.nominal_batch / max(n, 1))).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.sums += torch.cat([loss.detach().reshape(1) / max(n, 1), parts.detach().float()])
+
+
+def _synthetic_batch(
+    modality: str, batch: int, input_hw: tuple[int, int], device: torch.device, seed: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Random [0, 1] frames of the model's input size and 2 drone-sized boxes per image, on the device."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    h, w = input_hw
+    mods = _modalities_of(modality)
+    rgb = torch.rand((batch, 3, h, w), generator=gen) if "rgb" in mods else None
+    event = torch.rand((batch, 3, h, w), generator=gen) if "event" in mods else None
+    per = 2
+    size = (torch.rand((batch * per, 2), generator=gen) * 0.04 + 0.02) * torch.tensor([w, h])
+    centre = torch.rand((batch * per, 2), generator=gen) * 0.8 * torch.tensor([w, h]) + 0.1 * torch.tensor(
+        [w, h]
+    )
+    targets = torch.zeros((batch * per, 6))
+    targets[:, 0] = torch.arange(batch).repeat_interleave(per).float()
+    targets[:, 2:4] = centre - size / 2
+    targets[:, 4:6] = centre + size / 2
+
+    def dev(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.to(device)
+
+    return dev(rgb), dev(event), targets.to(device)
+
+
+# ------------------------------------------------------------------------------------- the parts
+def _bench_read(
+    ds: PreparedDataset, batch: int, steps: int, warmup: int, workers: int, device: torch.device, seed: int
+) -> dict[str, Any]:
+    mods = _modalities_of(ds.modality)
+    h, w = ds.store_hw
+    bytes_per_pair = h * w * 3 * len(mods)
+    # one process: PreparedDataset.load (the store gather) into pinned buffers, random batches
+    n = min(batch, len(ds))
+    pin = device.type == "cuda"
+    bufs = {m: torch.empty((n, h, w, 3), dtype=torch.uint8, pin_memory=pin).numpy() for m in mods}
+    rng = np.random.default_rng(seed)
+    for _ in range(warmup):
+        ds.load(ds.ids[rng.choice(len(ds), n, replace=False)], mods, out=bufs)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        ds.load(ds.ids[rng.choice(len(ds), n, replace=False)], mods, out=bufs)
+    gather = steps * n / max(time.perf_counter() - t0, 1e-9)
+    # the loader: worker processes -> pinned batches -> device (side stream on CUDA)
+    loader = _loader(ds, batch, workers, device, seed)
+    batches = _cycle(loader)
+    for _ in range(_loader_warmup(warmup, loader)):
+        next(batches)
+    _sync(device)
+    seen = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        seen += len(next(batches).ids)
+    _sync(device)
+    rate = seen / max(time.perf_counter() - t0, 1e-9)
+    batches.close()
+    return {
+        "pairs_per_s": rate,
+        "gib_per_s": rate * bytes_per_pair / 2**30,
+        "gather_pairs_per_s": gather,
+        "gather_gib_per_s": gather * bytes_per_pair / 2**30,
+        "bytes_per_pair": bytes_per_pair,
+        "workers": workers,
+        "pinned": pin,
+        "detail": (
+            f"BatchLoader {workers} workers -> {device.type}, {rate * bytes_per_pair / 2**30:.2f} GiB/s; "
+            f"1 process gather {_fmt(gather)} pairs/s"
+        ),
+    }
+
+
+def _bench_augment(
+    ds: PreparedDataset,
+    batch: int,
+    steps: int,
+    warmup: int,
+    input_hw: tuple[int, int],
+    aug: AugmentConfig,
+    device: torch.device,
+    seed: int,
+) -> dict[str, Any]:
+    loader = _loader(ds, batch, 0, device, seed, max_batches=1)
+    item = next(_cycle(loader))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+
+    def once() -> None:
+        augment_batch(item.rgb, item.event, item.targets, input_hw, aug, special=True, generator=gen)
+
+    for _ in range(warmup):
+        once()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        once()
+    _sync(device)
+    rate = steps * len(item.ids) / max(time.perf_counter() - t0, 1e-9)
+    h, w = ds.store_hw
+    return {
+        "pairs_per_s": rate,
+        "batch": len(item.ids),
+        "detail": (
+            f"Mosaic {aug.mosaic_prob:g} + MixUp {aug.mixup_prob:g}, {h}x{w} -> {input_hw[0]}x{input_hw[1]}"
+        ),
+    }
+
+
+def _bench_step(
+    step: _TrainStep,
+    modality: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    input_hw: tuple[int, int],
+    gflops: float,
+    device: torch.device,
+    seed: int,
+) -> dict[str, Any]:
+    rgb, event, targets = _synthetic_batch(modality, batch, input_hw, device, seed)
+    step.model.train()
+    for _ in range(warmup):
+        step(rgb, event, targets)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(rgb, event, targets)
+    _sync(device)
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    rate = steps * batch / elapsed
+    tflops = gflops * 3 * rate / 1000
+    ms = 1000 * elapsed / steps
+    return {
+        "pairs_per_s": rate,
+        "ms_per_step": ms,
+        "tflops": tflops,
+        "gflops_per_pair": gflops,
+        "detail": f"{ms:.1f} ms/step, {tflops:.3g} TFLOP/s ({gflops:.3g} GFLOPs/pair x 3)",
+    }
+
+
+def _bench_train(
+    step: _TrainStep,
+    ds: PreparedDataset,
+    batch: int,
+    steps: int,
+    warmup: int,
+    workers: int,
+    input_hw: tuple[int, int],
+    aug: AugmentConfig,
+    device: torch.device,
+    seed: int,
+) -> dict[str, Any]:
+    loader = _loader(ds, batch, workers, device, seed)
+    batches = _cycle(loader)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    step.model.train()
+
+    def once() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        item = next(batches)
+        wait = time.perf_counter() - t0
+        rgb, event, targets = augment_batch(
+            item.rgb, item.event, item.targets, input_hw, aug, special=True, generator=gen
+        )
+        step(rgb, event, targets)
+        return wait, len(item.ids)
+
+    for _ in range(_loader_warmup(warmup, loader)):
+        once()
+    _sync(device)
+    wait = 0.0
+    seen = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        w, n = once()
+        wait += w
+        seen += n
+    _sync(device)
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    batches.close()
+    rate = seen / elapsed
+    return {
+        "pairs_per_s": rate,
+        "data_wait": wait / elapsed,
+        "ms_per_step": 1000 * elapsed / steps,
+        "workers": workers,
+        "detail": f"data wait {100 * wait / elapsed:.1f}%, {workers} workers, Mosaic + MixUp",
+    }
+
+
+def _bench_eval(
+    model: nn.Module,
+    ds: PreparedDataset,
+    split: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    workers: int,
+    input_hw: tuple[int, int],
+    amp_dtype: torch.dtype | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    from fredfusion.eval.evaluator import evaluate
+
+    def run(images: int) -> dict[str, Any]:
+        return evaluate(
+            model,
+            ds,
+            batch_size=batch,
+            device=device,
+            input_hw=input_hw,
+            amp_dtype=amp_dtype,
+            max_images=images,
+            num_workers=workers,
+            compute_map=False,
+        ).metrics
+
+    if warmup:
+        run(min(warmup * batch, len(ds)))
+    want = steps * batch
+    images = 0
+    infer_s = 0.0
+    while images < want:
+        metrics = run(min(want - images, len(ds)))
+        images += int(metrics["images"])
+        infer_s += float(metrics["infer_s"])
+    rate = images / max(infer_s, 1e-9)
+    return {
+        "pairs_per_s": rate,
+        "images": images,
+        "split": split,
+        "batch": batch,
+        "detail": f"inference + NMS, batch {batch}, {images} {split} images",
+    }
+
+
+# ----------------------------------------------------------------------------------- the verdict
+def verdict(results: dict[str, dict[str, Any]]) -> tuple[str, str | None]:
+    """One line naming the bottleneck, and the part it names (None when no bound was measured).
+
+    The slowest of read / augment / step bounds the end-to-end rate; an end-to-end data-wait share
+    above ``DATA_WAIT_LIMIT`` is flagged.
+    """
+    bounds = sorted(
+        ((part, float(results[part]["pairs_per_s"])) for part in BOUND_PARTS if part in results),
+        key=lambda pr: pr[1],
+    )
+    if bounds:
+        slow = bounds[0][0]
+        chain = " < ".join(f"{LABELS[p]} {_fmt(r)} pairs/s" for p, r in bounds)
+        text = f"bottleneck: {_KIND[slow]} ({chain})"
+    else:
+        slow = None
+        text = "bottleneck: not determined (read, augment and step were skipped)"
+    train = results.get("train")
+    if train is not None:
+        share = float(train["data_wait"])
+        text += f"; end to end {_fmt(float(train['pairs_per_s']))} pairs/s, data wait {100 * share:.1f}%"
+        if share > DATA_WAIT_LIMIT:
+            text += f" > {100 * DATA_WAIT_LIMIT:.0f}%: the loader does not keep up (more --workers?)"
+    return text, slow
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The printed table: a heading line, one row per measured part, the verdict line."""
+    cfg = report["config"]
+    env = report["environment"]
+    h, w = cfg["input_hw"]
+    lines = [
+        f"fredfusion bench: {cfg['modality']} YOLO-{cfg['model']}, batch {cfg['batch']}, input {h}x{w}, "
+        f"{env['device']} ({env['device_name']}), torch {env['torch']}, "
+        f"{cfg['steps']} timed steps after {cfg['warmup']} warm-up"
+        + (", compiled" if cfg["compile"] else ""),
+        f"{'part':<12} {'pairs/s':>10}  detail",
+    ]
+    for part in PARTS:
+        row = report["results"].get(part)
+        if row is None:
+            continue
+        lines.append(f"{LABELS[part]:<12} {_fmt(float(row['pairs_per_s'])):>10}  {row['detail']}")
+    skipped = [p for p in PARTS if p not in report["results"]]
+    if skipped:
+        lines.append(f"skipped: {', '.join(skipped)}")
+    lines.append(report["verdict"])
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- the run
+def _check_args(
+    batch: int, steps: int, warmup: int, input_hw: tuple[int, int], workers: int, skip: Sequence[str]
+) -> tuple[int, int]:
+    if batch < 1:
+        raise ValueError(f"bench: --batch must be >= 1, got {batch}")
+    if steps < 1:
+        raise ValueError(f"bench: --steps must be >= 1, got {steps}")
+    if warmup < 0:
+        raise ValueError(f"bench: --warmup must be >= 0, got {warmup}")
+    if workers < 0:
+        raise ValueError(f"bench: --workers must be >= 0, got {workers}")
+    try:
+        h, w = (int(v) for v in input_hw)
+    except (TypeError, ValueError):
+        raise ValueError(f"bench: --input-shape must be H W, got {input_hw!r}") from None
+    if h <= 0 or w <= 0 or h % 32 or w % 32:
+        raise ValueError(f"bench: --input-shape H W must be positive multiples of 32, got {h} {w}")
+    unknown = sorted(set(skip) - set(PARTS))
+    if unknown:
+        raise ValueError(
+            f"bench: unknown part(s) in --skip: {', '.join(unknown)} (parts: {', '.join(PARTS)})"
+        )
+    if set(PARTS) <= set(skip):
+        raise ValueError("bench: every part is skipped; nothing to measure")
+    return h, w
+
+
+def run_bench(
+    data: str | Path,
+    modality: str = "dual",
+    model: str = "s",
+    batch: int = 32,
+    steps: int = 20,
+    warmup: int = 3,
+    input_hw: tuple[int, int] = (384, 640),
+    workers: int = 2,
+    device: str = "",
+    compile: bool = False,
+    out: str | Path | None = Path("runs/bench"),
+    skip: Sequence[str] = (),
+    eval_batch: int | None = None,
+    fusion: str = "concat",
+    seed: int = 0,
+    threads: int = 0,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Measure the five rates on the prepared folder ``data``; print the table, write ``out/bench.json``.
+
+    Returns the report: ``config``, ``environment``, ``model`` (params, GFLOPs per pair),
+    ``results`` (one dict per measured part, each with ``pairs_per_s``), ``verdict`` and
+    ``bottleneck`` (the slowest of read / augment / step). ``out=None`` writes no file.
+    ``threads`` > 0 sets the torch CPU thread count for the run (restored afterwards).
+    """
+    if threads < 0:
+        raise ValueError(f"bench: --threads must be >= 0, got {threads}")
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(
+            Path(data),
+            modality,
+            model,
+            batch,
+            steps,
+            warmup,
+            input_hw,
+            workers,
+            device,
+            compile,
+            out,
+            skip,
+            eval_batch,
+            fusion,
+            seed,
+            log,
+        )
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(
+    data: Path,
+    modality: str,
+    model: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    input_hw: tuple[int, int],
+    workers: int,
+    device: str,
+    compile: bool,
+    out: str | Path | None,
+    skip: Sequence[str],
+    eval_batch: int | None,
+    fusion: str,
+    seed: int,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    from fredfusion.engine.ema import unwrap
+    from fredfusion.engine.trainer import Distributed, amp_dtype_for, pick_device
+    from fredfusion.model import build_model, model_info
+    from fredfusion.model.anchors import default_anchors
+
+    h, w = _check_args(batch, steps, warmup, input_hw, workers, skip)
+    input_hw = (h, w)
+    eval_batch = batch if eval_batch is None else eval_batch
+    if eval_batch < 1:
+        raise ValueError(f"bench: --eval-batch must be >= 1, got {eval_batch}")
+    cfg = TrainConfig()
+    train_set = _train_dataset(data, modality)
+    dev = pick_device(device, Distributed())
+    amp_dtype = amp_dtype_for(dev, True)
+    aug = augment_config(cfg)
+
+    net = build_model(modality, model, fusion, num_classes=1, anchors=default_anchors() * (w / 640))
+    info = model_info(net, input_hw)
+    net = net.to(dev)
+    if cfg.channels_last and dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    wrapped: nn.Module = torch.compile(net) if compile else net
+    report: dict[str, Any] = {
+        "config": {
+            "data": str(data),
+            "modality": modality,
+            "model": model,
+            "fusion": fusion,
+            "batch": batch,
+            "eval_batch": eval_batch,
+            "steps": steps,
+            "warmup": warmup,
+            "input_hw": [h, w],
+            "store_hw": list(train_set.store_hw),
+            "train_images": len(train_set),
+            "workers": workers,
+            "compile": bool(compile),
+            "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+            "channels_last": bool(cfg.channels_last and dev.type == "cuda"),
+            "skip": [p for p in PARTS if p in set(skip)],
+            "seed": seed,
+        },
+        "environment": _environment(dev),
+        "model": {"params": info["params"], "gflops_per_pair": info["gflops"]},
+        "results": {},
+    }
+    results: dict[str, dict[str, Any]] = report["results"]
+    say = log or (lambda _m: None)
+
+    def want(part: str) -> bool:
+        return part not in skip
+
+    if want("read"):
+        results["read"] = _bench_read(train_set, batch, steps, warmup, workers, dev, seed)
+        say(f"bench: read {_fmt(results['read']['pairs_per_s'])} pairs/s")
+    if want("augment"):
+        results["augment"] = _bench_augment(train_set, batch, steps, warmup, input_hw, aug, dev, seed)
+        say(f"bench: augment {_fmt(results['augment']['pairs_per_s'])} pairs/s")
+    if want("step") or want("train"):
+        step = _TrainStep(net, wrapped, dev, amp_dtype, cfg, batch)
+        if want("step"):
+            results["step"] = _bench_step(
+                step, modality, batch, steps, warmup, input_hw, info["gflops"], dev, seed
+            )
+            say(f"bench: model step {_fmt(results['step']['pairs_per_s'])} pairs/s")
+        if want("train"):
+            results["train"] = _bench_train(
+                step, train_set, batch, steps, warmup, workers, input_hw, aug, dev, seed
+            )
+            say(f"bench: end to end {_fmt(results['train']['pairs_per_s'])} pairs/s")
+            if "augment" in results and "step" in results:
+                # augmentation and the step run one after the other on the device
+                bound = 1.0 / (1.0 / results["augment"]["pairs_per_s"] + 1.0 / results["step"]["pairs_per_s"])
+                train = results["train"]
+                train["augment_step_bound"] = bound
+                train["detail"] += (
+                    f"; {100 * train['pairs_per_s'] / bound:.0f}% of augment+step {_fmt(bound)}"
+                )
+        del step
+    if want("eval"):
+        eval_set, split = _eval_dataset(data, modality, train_set)
+        results["eval"] = _bench_eval(
+            wrapped, eval_set, split, eval_batch, steps, warmup, workers, input_hw, amp_dtype, dev
+        )
+        say(f"bench: eval {_fmt(results['eval']['pairs_per_s'])} pairs/s")
+    unwrap(wrapped).train()
+
+    report["verdict"], report["bottleneck"] = verdict(results)
+    if out is not None:
+        from fredfusion.data.coco import write_json_atomic
+
+        path = Path(out) / "bench.json"
+        write_json_atomic(path, report, indent=2)
+        report["path"] = str(path)
+    if log is not None:
+        log(format_table(report))
+        if "path" in report:
+            log(f"wrote {report['path']}")
+    return report

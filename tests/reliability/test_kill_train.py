@@ -1,0 +1,150 @@
+"""`fredfusion train` killed with SIGKILL at the worst moments, then continued with --resume.
+
+One run folder goes through four kills in a row, each in a fresh ``fredfusion train`` process
+(fault_child.py installs the kill): mid-epoch, during evaluation, halfway through writing
+``last.pth`` and halfway through copying it to ``epNNN.pth``. After every kill each ``*.pth`` in
+the folder must load and equal the same file of an uninterrupted run; the last ``--resume``
+finishes the run, whose final weights must equal the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fredfusion.cli import main
+from fredfusion.engine.checkpoint import load_checkpoint
+
+EPOCHS = 3
+BATCH = 8
+# Measured: the resumed run matches the uninterrupted one bit for bit (same thread count); the
+# tolerance only allows for a platform that does not reduce in a fixed order.
+RTOL, ATOL = 1e-5, 1e-7
+
+
+def _train_args(data: Path, save_dir: Path, resume: bool = False) -> list[str]:
+    args = ["train", "--data", str(data), "--save_dir", str(save_dir), "--model", "n"]
+    args += ["--input_shape", "64", "128", "--freeze_train", "false", "--batch_size", str(BATCH)]
+    args += ["--num_workers", "0", "--persistent_workers", "false", "--eval_period", "1"]
+    args += ["--warmup_epochs", "0.5", "--log_interval", "1", "--save_period", "1", "--precise_bn", "8"]
+    args += ["--eval_batch_size", "16", "--unfreeze_epoch", str(EPOCHS), "--seed", "0", "--device", "cpu"]
+    return [*args, "--resume"] if resume else args
+
+
+def _steps_per_epoch(data: Path) -> int:
+    coco = json.loads((data / "annotations" / "instances_train.json").read_text())
+    return sum(im["pair_status"] == "dual" for im in coco["images"]) // BATCH
+
+
+def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    worst = 0.0
+    for name, x in a.items():
+        y = b[name]
+        if x.is_floating_point():
+            diff = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
+            worst = max(worst, diff / max(x.double().abs().max().item(), 1e-12))
+        else:
+            assert torch.equal(x, y), name
+    return worst
+
+
+def _assert_same_weights(got: dict[str, Any], want: dict[str, Any], what: str) -> float:
+    worst = 0.0
+    for key in ("model", "ema"):
+        if key not in want:
+            continue
+        assert got[key].keys() == want[key].keys(), what
+        for name, value in want[key].items():
+            torch.testing.assert_close(
+                got[key][name], value, rtol=RTOL, atol=ATOL, msg=f"{what}: {key}.{name}"
+            )
+        worst = max(worst, _max_rel_diff(got[key], want[key]))
+    return worst
+
+
+def _check_run_folder(run: Path, reference: Path, stage: str, last_epoch: int) -> list[str]:
+    """Every *.pth loads (none is half-written) and holds exactly the uninterrupted run's state of
+    the epoch it claims (none is loadable but wrong). Returns the names of temp files present."""
+    names = sorted(p.name for p in run.glob("*.pth"))
+    assert "last.pth" in names, stage
+    for name in names:
+        got = load_checkpoint(run / name)  # raises CheckpointError on a half-written file
+        want = load_checkpoint(reference / f"ep{got['epoch']:03d}.pth")
+        if name == "best.pth":  # the evaluated weights: EMA of that epoch
+            torch.testing.assert_close(
+                got["model"], want["ema"], rtol=RTOL, atol=ATOL, msg=f"{stage}: {name}"
+            )
+        else:
+            _assert_same_weights(got, want, f"{stage}: {name}")
+    assert load_checkpoint(run / "last.pth")["epoch"] == last_epoch, stage
+    return sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp"))
+
+
+def _kill(run_child: Any, fault: str, n: int, args: list[str]) -> str:
+    proc = run_child(fault, n, args)
+    assert proc.returncode == -signal.SIGKILL, f"{fault} {n}: rc {proc.returncode}\n{proc.output[-3000:]}"
+    return proc.output
+
+
+@pytest.mark.reliability
+def test_sigkill_at_four_moments_then_resume_equals_uninterrupted(
+    small_sample: Any, tmp_path: Path, run_child: Any, one_thread: None, capsys: pytest.CaptureFixture
+) -> None:
+    data = small_sample.prepared
+    steps = _steps_per_epoch(data)
+    assert steps >= 2  # so that "mid-epoch" is inside an epoch
+
+    # the uninterrupted run (this process, same thread count as the children)
+    assert main(_train_args(data, tmp_path / "straight")) == 0
+    reference = tmp_path / "straight" / "dual"
+    assert load_checkpoint(reference / "last.pth")["epoch"] == EPOCHS
+
+    save_dir = tmp_path / "killed"
+    run = save_dir / "dual"
+    temps: dict[str, list[str]] = {}
+
+    # 1. mid-epoch: before the second step of epoch 2
+    out = _kill(run_child, "train-step", steps + 2, _train_args(data, save_dir))
+    assert "epoch 1: mAP50" in out and "epoch 2: mAP50" not in out
+    temps["mid-epoch"] = _check_run_folder(run, reference, "killed mid-epoch", 1)
+
+    # 2. during the evaluation after epoch 2 (inference done, metrics being computed)
+    out = _kill(run_child, "eval", 1, _train_args(data, save_dir, resume=True))
+    assert "continuing at epoch 2" in out and "epoch 2: mAP50" not in out
+    temps["evaluation"] = _check_run_folder(run, reference, "killed during evaluation", 1)
+
+    # 3. while last.pth of epoch 2 is written: half of it is in the temp file
+    _kill(run_child, "save-last", 2, _train_args(data, save_dir, resume=True))
+    temps["last.pth write"] = _check_run_folder(run, reference, "killed writing last.pth", 1)
+    assert any(t.startswith(".last.pth.") for t in temps["last.pth write"])
+
+    # 4. halfway through copying last.pth of epoch 2 to ep002.pth
+    _kill(run_child, "copy-last", 1, _train_args(data, save_dir, resume=True))
+    temps["ep002.pth copy"] = _check_run_folder(run, reference, "killed copying to ep002.pth", 2)
+
+    # --resume finishes the run
+    assert main(_train_args(data, save_dir, resume=True)) == 0
+    _check_run_folder(run, reference, "resumed to the end", EPOCHS)
+    got, want = load_checkpoint(run / "last.pth"), load_checkpoint(reference / "last.pth")
+    worst = _assert_same_weights(got, want, "final last.pth")
+    for key in ("epoch", "best", "best_epoch"):
+        assert got[key] == want[key], key
+    left = sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp"))
+    report = {
+        "max_relative_weight_difference": worst,
+        "temp_files_after_each_kill": temps,
+        "temp_files_left_at_the_end": left,
+        "results_csv_epochs": [r.split(",")[0] for r in (run / "results.csv").read_text().splitlines()[1:]],
+    }
+    (tmp_path / "kill_report.json").write_text(json.dumps(report, indent=1))
+    with capsys.disabled():
+        print(f"\nkill -9 + resume: max relative weight difference to the uninterrupted run {worst:.3g}")
+        print(f"temp files of killed writes left in the run folder at the end: {left or 'none'}")
+        print(f"results.csv epochs: {report['results_csv_epochs']}")
+    # a temp file of a killed write is never mistaken for a checkpoint
+    assert all(name.startswith(".") and not name.endswith(".pth") for name in left)
