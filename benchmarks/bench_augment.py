@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from fredfusion.data.augment import AugmentConfig, augment_batch, letterbox_batch
+from fredfusion.data.augment import AugmentConfig, augment_batch, letterbox_batch, valid_targets
 
 
 def _sync(device: torch.device) -> None:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         return time.perf_counter() - t0
 
     dt = timed(lambda: augment_batch(rgb, event, targets, out_hw, cfg, generator=gen), args.steps)
-    n_out = augment_batch(rgb, event, targets, out_hw, cfg, generator=gen)[2].shape[0]
+    n_out = valid_targets(augment_batch(rgb, event, targets, out_hw, cfg, generator=gen)[2]).shape[0]
     lb = timed(lambda: letterbox_batch(rgb, event, out_hw), args.steps)
     print(
         f"device={device} batch={b} {h}x{w}->{out_hw[0]}x{out_hw[1]} mosaic_prob=mixup_prob={args.prob} "

@@ -44,7 +44,6 @@ __all__ = [
     "DATA_WAIT_LIMIT",
     "LABELS",
     "PARTS",
-    "augment_config",
     "format_table",
     "run_bench",
     "verdict",
@@ -79,22 +78,6 @@ def _fmt(rate: float) -> str:
     if rate >= 10:
         return f"{rate:.1f}"
     return f"{rate:.2f}"
-
-
-def augment_config(cfg: TrainConfig) -> AugmentConfig:
-    """The augmentation settings a training run with ``cfg`` uses (as the trainer builds them)."""
-    return AugmentConfig(
-        mosaic=cfg.mosaic,
-        mosaic_prob=cfg.mosaic_prob,
-        mixup=cfg.mixup,
-        mixup_prob=cfg.mixup_prob,
-        translate=cfg.translate,
-        scale=cfg.scale,
-        fliplr=cfg.fliplr,
-        hsv_h=cfg.hsv_h,
-        hsv_s=cfg.hsv_s,
-        hsv_v=cfg.hsv_v,
-    )
 
 
 def _open_split(data: Path, split: str, modality: str, pairs: str) -> PreparedDataset:
@@ -220,55 +203,17 @@ def _environment(device: torch.device) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- the training step
 class _TrainStep:
-    """One optimizer step of the trainer (autocast forward, fp32 loss, nominal-batch scaling,
-    GradScaler, gradient clipping, EMA update), with the trainer's settings."""
+    """The trainer's own optimisation step (``Trainer.optimize``) for a fixed model and batch size."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        wrapped: nn.Module,
-        device: torch.device,
-        amp_dtype: torch.dtype | None,
-        cfg: TrainConfig,
-        batch: int,
-    ) -> None:
-        from fredfusion.engine.ema import ModelEMA
-        from fredfusion.engine.optim import build_optimizer, scaled_lr
-        from fredfusion.model.loss import LossConfig, YoloLoss
+    def __init__(self, cfg: TrainConfig, model: nn.Module, wrapped: nn.Module, batch: int) -> None:
+        from fredfusion.engine.trainer import Trainer
 
-        self.model, self.wrapped, self.device, self.amp_dtype = model, wrapped, device, amp_dtype
-        self.channels_last = cfg.channels_last and device.type == "cuda"
-        self.nominal_batch = cfg.nominal_batch
-        lr = scaled_lr(cfg.init_lr, batch, cfg.optimizer, cfg.nominal_batch)
-        self.optimizer = build_optimizer(model, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-        self.ema = ModelEMA(model) if cfg.ema else None
-        base = LossConfig()
-        self.loss_fn = YoloLoss(model.anchors, model.strides, 1, LossConfig(cls=base.cls / 80))
-        self.sums = torch.zeros(4, device=device)
+        self.model, self.wrapped, self.batch = model, wrapped, batch
+        self.trainer = Trainer(cfg, log=lambda _m: None)
+        self.trainer.setup_step(model, batch)
 
     def __call__(self, rgb: torch.Tensor | None, event: torch.Tensor | None, targets: torch.Tensor) -> None:
-        n = (rgb if rgb is not None else event).shape[0]  # type: ignore[union-attr]
-        if self.channels_last:
-            rgb = rgb.contiguous(memory_format=torch.channels_last) if rgb is not None else None
-            event = event.contiguous(memory_format=torch.channels_last) if event is not None else None
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            preds = self.wrapped(rgb, event)
-        loss, parts = self.loss_fn([p.float() for p in preds], targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss * (self.nominal_batch / max(n, 1))).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self.sums += torch.cat([loss.detach().reshape(1) / max(n, 1), parts.detach().float()])
+        self.trainer.optimize(self.wrapped, rgb, event, targets, self.batch)
 
 
 def _synthetic_batch(
@@ -660,7 +605,7 @@ def _run(
     log: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     from fredfusion.engine.ema import unwrap
-    from fredfusion.engine.trainer import Distributed, amp_dtype_for, pick_device
+    from fredfusion.engine.trainer import Distributed, amp_dtype_for, augment_config, pick_device
     from fredfusion.model import build_model, model_info
     from fredfusion.model.anchors import default_anchors
 
@@ -669,9 +614,9 @@ def _run(
     eval_batch = batch if eval_batch is None else eval_batch
     if eval_batch < 1:
         raise ValueError(f"bench: --eval-batch must be >= 1, got {eval_batch}")
-    cfg = TrainConfig()
     train_set = _train_dataset(data, modality)
     dev = pick_device(device, Distributed())
+    cfg = TrainConfig(modality=modality, model=model, fusion=fusion, input_shape=[h, w], device=str(dev))
     amp_dtype = amp_dtype_for(dev, True)
     aug = augment_config(cfg)
 
@@ -718,7 +663,7 @@ def _run(
         results["augment"] = _bench_augment(train_set, batch, steps, warmup, input_hw, aug, dev, seed)
         say(f"bench: augment {_fmt(results['augment']['pairs_per_s'])} pairs/s")
     if want("step") or want("train"):
-        step = _TrainStep(net, wrapped, dev, amp_dtype, cfg, batch)
+        step = _TrainStep(cfg, net, wrapped, batch)
         if want("step"):
             results["step"] = _bench_step(
                 step, modality, batch, steps, warmup, input_hw, info["gflops"], dev, seed

@@ -172,7 +172,7 @@ def render_pairs(
     else:
         import torch
 
-        from fredfusion.data.augment import AugmentConfig, augment_batch
+        from fredfusion.data.augment import AugmentConfig, augment_batch, valid_targets
 
         hw = _check_hw(input_hw, "--input-shape") if input_hw else default_input_hw(ds.store_hw)
         rows = [
@@ -191,7 +191,7 @@ def render_pairs(
         def to_u8(x: torch.Tensor) -> np.ndarray:
             return (x.mul(255.0).round_().clamp_(0, 255)).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
-        a_rgb, a_event, t = to_u8(out_rgb), to_u8(out_event), out_t.numpy()
+        a_rgb, a_event, t = to_u8(out_rgb), to_u8(out_event), valid_targets(out_t).numpy()
         for k, image_id in enumerate(ids):
             boxes = t[t[:, 0] == k, 2:6]
             cap = f"augmented, base id {int(image_id)}: {len(boxes)} box"

@@ -21,13 +21,17 @@ CSV_COLUMNS = (
     "lr",
     "pairs_per_s",
     "data_wait",
+    "bad_frames",
+    "bad_steps",
 )
 
 
 class RunLog:
     """TensorBoard writer + results.csv rows + curves; a no-op object when enabled is False."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, resume: bool = False):
+    def __init__(self, run_dir: Path, enabled: bool = True, resume_epoch: int | None = None):
+        """``resume_epoch``: continue the run's results.csv, dropping rows after that epoch (written
+        by a process that stopped before saving the checkpoint it resumes from)."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.csv_path = self.run_dir / "results.csv"
@@ -38,9 +42,21 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-        if not resume or not self.csv_path.exists():
-            with self.csv_path.open("w", newline="") as handle:
-                csv.writer(handle).writerow(CSV_COLUMNS)
+        rows: list[list[str]] = []
+        if resume_epoch is not None and self.csv_path.exists():
+            with self.csv_path.open(newline="") as handle:
+                old = list(csv.reader(handle))
+            if old:
+                index = dict(zip(old[0], range(len(old[0])), strict=False))
+                rows = [
+                    [row[index[c]] if c in index and index[c] < len(row) else "" for c in CSV_COLUMNS]
+                    for row in old[1:]
+                    if row and row[0].isdigit() and int(row[0]) <= resume_epoch
+                ]
+        with self.csv_path.open("w", newline="") as handle:
+            out = csv.writer(handle)
+            out.writerow(CSV_COLUMNS)
+            out.writerows(rows)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Per-step or per-epoch scalars, names like 'train/loss'."""

@@ -181,6 +181,22 @@ def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def augment_config(cfg: TrainConfig) -> AugmentConfig:
+    """The augmentation settings of a training run with ``cfg``."""
+    return AugmentConfig(
+        mosaic=cfg.mosaic,
+        mosaic_prob=cfg.mosaic_prob,
+        mixup=cfg.mixup,
+        mixup_prob=cfg.mixup_prob,
+        translate=cfg.translate,
+        scale=cfg.scale,
+        fliplr=cfg.fliplr,
+        hsv_h=cfg.hsv_h,
+        hsv_s=cfg.hsv_s,
+        hsv_v=cfg.hsv_v,
+    )
+
+
 class Trainer:
     """Runs one training job described by a TrainConfig (see `fredfusion train --help`)."""
 
@@ -216,6 +232,8 @@ class Trainer:
             fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=self.run_dir)
             os.close(fd)
             os.unlink(probe)
+            for stale in self.run_dir.glob(".*.pth.*.tmp"):  # left by a process killed mid-save
+                stale.unlink(missing_ok=True)
         except OSError as exc:
             raise TrainingStopped(
                 f"run folder {self.run_dir} is not writable ({exc.strerror or exc}); "
@@ -391,6 +409,19 @@ class Trainer:
             max_batches=epoch_batches,
         )
 
+    def setup_step(self, model: nn.Module, batch: int) -> None:
+        """The parts of an optimisation step for ``model`` (on the device): optimizer at the LR of
+        ``batch``, GradScaler (fp16 only), EMA, NaN guard, loss and augmentation settings."""
+        cfg = self.cfg
+        lr = scaled_lr(cfg.init_lr, batch, cfg.optimizer, cfg.nominal_batch)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.ema = ModelEMA(model) if cfg.ema else None
+        self.guard = StepGuard(model, self.device)
+        self.loss_fn = YoloLoss(model.anchors, model.strides, 1, self._loss_config())
+        self.aug_cfg = augment_config(cfg)
+
     # ----------------------------------------------------------------- main
     def fit(self) -> dict[str, Any]:
         """Train, evaluate every eval_period epochs, save checkpoints; returns the final summary.
@@ -410,13 +441,7 @@ class Trainer:
         if cfg.quick_test:
             end_epoch = cfg.init_epoch + 1
         _first_frozen, first_batch = self._phase(cfg.init_epoch)
-        first_lr = scaled_lr(cfg.init_lr, first_batch, cfg.optimizer, cfg.nominal_batch)
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg.optimizer, first_lr, cfg.momentum, cfg.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.ema = ModelEMA(model) if cfg.ema else None
-        self.guard = StepGuard(model, self.device)
-        self.loss_fn = YoloLoss(model.anchors, model.strides, 1, self._loss_config())
+        self.setup_step(model, first_batch)
         self.schedule = LRSchedule(
             total_epochs=float(end_epoch - cfg.init_epoch if cfg.quick_test else end_epoch),
             warmup_epochs=cfg.warmup_epochs,
@@ -432,25 +457,15 @@ class Trainer:
             except ConfigError as exc:
                 raise TrainingStopped(str(exc)) from None
             self.log("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
-        self.run_log = RunLog(self.run_dir, enabled=self.dist.main, resume=cfg.resume)
+        self.run_log = RunLog(
+            self.run_dir, enabled=self.dist.main, resume_epoch=state["epoch"] if cfg.resume else None
+        )
         if cfg.no_eval_map or self.val_set is None:
             self.log(
                 "mAP evaluation off (--no_eval_map or no val split): best.pth is chosen by "
                 + ("validation loss" if self.val_set is not None else "training loss")
             )
 
-        self.aug_cfg = AugmentConfig(
-            mosaic=cfg.mosaic,
-            mosaic_prob=cfg.mosaic_prob,
-            mixup=cfg.mixup,
-            mixup_prob=cfg.mixup_prob,
-            translate=cfg.translate,
-            scale=cfg.scale,
-            fliplr=cfg.fliplr,
-            hsv_h=cfg.hsv_h,
-            hsv_s=cfg.hsv_s,
-            hsv_v=cfg.hsv_v,
-        )
         wrapped, current_phase, loader = None, None, None
         summary: dict[str, Any] = {}
         try:
@@ -653,14 +668,7 @@ class Trainer:
     def _step(
         self, wrapped: nn.Module, batch: DeviceBatch, special: bool, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimisation step. Returns ([loss per image, box, obj, cls], finite flag), on the device.
-
-        A non-finite loss (or non-finite gradients without a GradScaler, which skips those itself)
-        zeroes the gradients and restores the BN statistics (StepGuard): the weights, the optimizer
-        state and the EMA never see NaN, and nothing here waits for the device.
-        """
-        cfg = self.cfg
-        model, optimizer, scaler, guard = self.model, self.optimizer, self.scaler, self.guard
+        """Augment a loaded batch on the device, then one optimisation step (see optimize)."""
         rgb, event, targets = augment_batch(
             batch.rgb,
             batch.event,
@@ -670,6 +678,25 @@ class Trainer:
             special=special,
             generator=generator,
         )
+        return self.optimize(wrapped, rgb, event, targets, len(batch.ids))
+
+    def optimize(
+        self,
+        wrapped: nn.Module,
+        rgb: torch.Tensor | None,
+        event: torch.Tensor | None,
+        targets: torch.Tensor,
+        n: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step on an augmented batch of ``n`` images (after setup_step).
+
+        Returns ([loss per image, box, obj, cls], finite flag), on the device. A non-finite loss (or
+        non-finite gradients without a GradScaler, which skips those itself) zeroes the gradients and
+        restores the BN statistics (StepGuard): the weights, the optimizer state and the EMA never see
+        NaN, and nothing here waits for the device.
+        """
+        cfg = self.cfg
+        model, optimizer, scaler, guard = self.model, self.optimizer, self.scaler, self.guard
         if cfg.channels_last and self.device.type == "cuda":
             rgb = rgb.contiguous(memory_format=torch.channels_last) if rgb is not None else None
             event = event.contiguous(memory_format=torch.channels_last) if event is not None else None
@@ -683,7 +710,7 @@ class Trainer:
             preds = wrapped(rgb, event)
         loss, parts = self.loss_fn([p.float() for p in preds], targets)
         optimizer.zero_grad(set_to_none=True)
-        n = max(len(batch.ids), 1)
+        n = max(n, 1)
         # YoloLoss returns mean * batch; scaling to the nominal batch (64) gives every batch size the
         # per-image step of a 64-image batch, so Init_lr * batch / 64 is a plain linear-scaling rule.
         scaler.scale(loss * (cfg.nominal_batch / n)).backward()
