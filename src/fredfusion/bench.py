@@ -623,7 +623,7 @@ def _run(
     net = build_model(modality, model, fusion, num_classes=1, anchors=default_anchors() * (w / 640))
     info = model_info(net, input_hw)
     net = net.to(dev)
-    if cfg.channels_last and dev.type == "cuda":
+    if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     wrapped: nn.Module = torch.compile(net) if compile else net
     report: dict[str, Any] = {
@@ -642,7 +642,7 @@ def _run(
             "workers": workers,
             "compile": bool(compile),
             "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
-            "channels_last": bool(cfg.channels_last and dev.type == "cuda"),
+            "channels_last": bool(cfg.channels_last),
             "skip": [p for p in PARTS if p in set(skip)],
             "seed": seed,
         },

@@ -435,7 +435,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.dist.rank)
         self._datasets()
         model = self._build_model().to(self.device)
-        if cfg.channels_last and self.device.type == "cuda":
+        if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         end_epoch = cfg.freeze_epoch if cfg.freeze_training else cfg.unfreeze_epoch
         if cfg.quick_test:
@@ -697,7 +697,7 @@ class Trainer:
         """
         cfg = self.cfg
         model, optimizer, scaler, guard = self.model, self.optimizer, self.scaler, self.guard
-        if cfg.channels_last and self.device.type == "cuda":
+        if cfg.channels_last:
             rgb = rgb.contiguous(memory_format=torch.channels_last) if rgb is not None else None
             event = event.contiguous(memory_format=torch.channels_last) if event is not None else None
         autocast = (
