@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,15 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_sample(root / "fred", sequences=5, frames=16, width=320, height=180, seed=1)
     prepare(root / "fred", root / "prepared", imgsz=128, workers=0, progress=False, log=lambda _m: None)
     return root / "prepared"
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the test (restored after): tiny models gain nothing from more,
+    and on a shared 2-core machine spinning threads slowed small steps down ~10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

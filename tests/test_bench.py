@@ -6,7 +6,6 @@ import importlib.util
 import json
 import shutil
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,13 +25,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ultralytics_side_
 SMALL = ["--model", "n", "--batch", "4", "--steps", "2", "--warmup", "1", "--input-shape", "64", "128"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: tiny convolutions gain nothing from more, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +18,7 @@ H, W = 64, 128
 ROWS_64x128 = 3 * (8 * 16 + 4 * 8 + 2 * 4)  # 3 anchors x cells at strides 8, 16, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: the small convolutions here gain nothing from more on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _checkpoint(path: Path, modality: str) -> Path:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from fredfusion.show import (
     GRID_GAP,
@@ -28,13 +26,7 @@ STORE_H, STORE_W = 72, 128  # store size of the tiny_prepared fixture
 GREEN_BGR = np.array([0, 200, 0], dtype=np.uint8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: the small convolutions here gain nothing from more on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run_cli(argv: list[str]) -> int:

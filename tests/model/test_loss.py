@@ -298,15 +298,6 @@ class _TinyNet(nn.Module):
         return out
 
 
-@pytest.fixture
-def one_thread():
-    """Run a test on one intra-op thread (tiny tensors: extra threads only add contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_tiny_net_overfits_two_images(one_thread) -> None:
     torch.manual_seed(0)
     anchors = torch.tensor(

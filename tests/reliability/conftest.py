@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 CHILD = Path(__file__).with_name("fault_child.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -144,18 +143,10 @@ def run_child(
 
 
 @pytest.fixture()
-def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """torch on one thread for the test (restored after), and no curves.png redraw per epoch.
-
-    One thread: numbers are reproducible across processes that use the same count, and a busy
-    2-core machine does not slow spinning OpenMP threads down by an order of magnitude.
-    """
+def one_thread(one_thread: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The suite's one-thread fixture (reproducible numbers across processes with the same count),
+    plus no curves.png redraw per epoch."""
     import fredfusion.eval.plots as plots
 
     monkeypatch.setattr(plots, "plot_curves", lambda *args, **kwargs: None)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    yield
