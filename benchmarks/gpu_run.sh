@@ -1,28 +1,88 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/PERFORMANCE.md in one run on an H100/H200 machine without network access.
 # Before (on a machine with network, from the repo root):
-#   ../shared/tools/device-wheels.sh ultralytics==8.4.190 ultralytics-thop polars
-# then carry .whl/ to the GPU machine and run: bash benchmarks/gpu_run.sh OUT_DIR
-# Every step writes its log and JSON under OUT_DIR; a failing step does not stop the others.
+#   ../shared/tools/device-wheels.sh ultralytics==8.4.190 ultralytics-thop polars   (+ polars-runtime-32)
+# then carry .whl/ to the GPU machine and run: bash benchmarks/gpu_run.sh OUT_DIR [BUDGET_S]
+# Every step has a time limit inside BUDGET_S (default 540) and writes its log under a work folder;
+# a failing step does not stop the others. OUT_DIR receives summary.log (every step's tail) and
+# results.tgz (all logs and JSON files), refreshed after each step.
+# SMALL=1 runs the same steps at toy sizes (CPU is fine) to check the script itself.
 set -uo pipefail
-OUT=${1:?usage: benchmarks/gpu_run.sh OUT_DIR}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD/src
-ff() { python3 -m fredfusion "$@"; }
-step() { local name=$1; shift; echo "== $name: $*"; /usr/bin/time -f "$name wall %e s" "$@" >"$OUT/$name.log" 2>&1; tail -n 15 "$OUT/$name.log"; }
+OUT=${1:?usage: benchmarks/gpu_run.sh OUT_DIR [BUDGET_S]}
+BUDGET=${2:-540}
+START=$(date +%s)
+W=/tmp/gpu_run/logs
+D=/tmp/gpu_run/data
+rm -rf /tmp/gpu_run && mkdir -p "$OUT" "$W" "$D"
+exec > >(tee "$OUT/summary.log") 2>&1
+if [ "${SMALL:-0}" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+FF="python3 -m fredfusion"  # word-split on purpose: timeout runs programs, not functions
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+pack() { tar -czf "$OUT/.results.$BASHPID.tgz" -C "$W" . 2>/dev/null && mv -f "$OUT/.results.$BASHPID.tgz" "$OUT/results.tgz"; }
+step() {  # step NAME LIMIT_S command...
+  local name=$1 limit=$2 l t0
+  shift 2
+  l=$(left)
+  if [ "$l" -lt 20 ]; then echo "== $name: skipped (budget spent)"; return; fi
+  [ "$limit" -gt "$l" ] && limit=$l
+  echo "== $name (limit ${limit} s, $(($(date +%s) - START)) s in): $*"
+  t0=$(date +%s)
+  timeout -k 5 "$limit" "$@" >"$W/$name.log" 2>&1
+  echo "-- $name: rc $? in $(($(date +%s) - t0)) s"
+  tail -n "${TAIL:-14}" "$W/$name.log"
+  pack
+}
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
-git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null || true
-step synth ff synth --out /tmp/fs --sequences 10 --frames 300
-step prepare ff prepare --fred-root /tmp/fs --out /tmp/fsp --imgsz 640 --workers 16
-step bench_dual_s ff bench --data /tmp/fsp --modality dual --model s --batch 128 --eval-batch 256 \
-  --input-shape 384 640 --workers 12 --steps 30 --warmup 5 --out "$OUT/bench_dual_s"
-step bench_rgb_s ff bench --data /tmp/fsp --modality rgb --model s --batch 128 --eval-batch 256 \
-  --input-shape 384 640 --workers 12 --steps 30 --warmup 5 --out "$OUT/bench_rgb_s"
-step bench_dual_s_compile ff bench --data /tmp/fsp --modality dual --model s --batch 128 --eval-batch 256 \
-  --input-shape 384 640 --workers 12 --steps 30 --warmup 10 --compile --skip read augment eval \
-  --out "$OUT/bench_dual_s_compile"
-step side_by_side python3 benchmarks/ultralytics_side_by_side.py --data /tmp/fsp --device cuda --model s \
-  --imgsz 640 --batch 32 --epochs 5 --workers 8 --out "$OUT/side_by_side"
-step demo ff demo --out /tmp/demo
+if [ "${SMALL:-0}" = 1 ]; then
+  SEQ=6 FRAMES=40 SRC="320 180" IMGSZ=320 HW="192 320" MODEL=n BATCH=8 STEPS=3 WARM=1 WORKERS=2 EPOCHS=1
+  IMAGES=2000 DEMO=(--epochs 1 --frames 20 --sequences 6) DEV=cpu SUITE=(tests/test_config.py)
+else
+  SEQ=12 FRAMES=320 SRC="640 360" IMGSZ=640 HW="384 640" MODEL=s BATCH=128 STEPS=30 WARM=5 WORKERS=12 EPOCHS=3
+  IMAGES=100000 DEMO=() DEV=cuda SUITE=(-n 6)
+fi
+read -r SRC_W SRC_H <<<"$SRC"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$W/gpu.txt"
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
+'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" \
+  | tee -a "$W/gpu.txt"
+echo "commit ${COMMIT:-unknown}, $(nproc) CPUs" | tee -a "$W/gpu.txt"
+
+# Phase A: the demo on the GPU; CPU-only work alongside (the bench sample, the CPU suite on this
+# machine's torch with the GPU hidden, COCO metrics on 100k images). The demo figure is therefore an
+# upper bound; everything of phase B runs alone.
+(
+  step synth 60 python3 - "$D/fred" "$SEQ" "$FRAMES" "$SRC_W" "$SRC_H" <<'EOF'
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+from fredfusion.data.synth import write_sample
+out, seq, frames, w, h = Path(sys.argv[1]), *map(int, sys.argv[2:])
+def one(i):
+    write_sample(out, frames=frames, width=w, height=h, sequence_ids=[i], seed=i)
+with Pool(min(seq, 12)) as pool:
+    pool.map(one, range(seq))
+print(f"wrote {seq} sequences x {frames} frames at {w}x{h}")
+EOF
+  step prepare 90 $FF prepare --fred-root "$D/fred" --out "$D/prep" --imgsz "$IMGSZ" --workers 12
+  CUDA_VISIBLE_DEVICES= TAIL=6 step cpu_suite 150 python3 -m pytest -q -rfE -p no:cacheprovider "${SUITE[@]}"
+  step coco_100k 90 python3 benchmarks/bench_coco_metrics.py --images "$IMAGES"
+) &
+BG=$!
+step demo 260 $FF demo --out "$D/demo" --device "$DEV" "${DEMO[@]}"
+wait $BG
+
+# Phase B: the GPU path alone.
+step cuda_tests 60 python3 -m pytest -q -p no:cacheprovider tests/data/test_augment.py -k cuda
+BENCH=(--data "$D/prep" --model "$MODEL" --batch "$BATCH" --eval-batch $((BATCH * 2)) --input-shape $HW
+  --workers "$WORKERS" --steps "$STEPS" --warmup "$WARM" --device "$DEV")
+step bench_dual 90 $FF bench --modality dual "${BENCH[@]}" --out "$W/bench_dual"
+step bench_rgb 75 $FF bench --modality rgb "${BENCH[@]}" --out "$W/bench_rgb"
+TAIL=24 step side_by_side 170 python3 benchmarks/ultralytics_side_by_side.py --data "$D/prep" --device "$DEV" \
+  --model "$MODEL" --imgsz "$IMGSZ" --batch $((BATCH / 2)) --epochs "$EPOCHS" --workers 8 --out "$W/side_by_side"
+step bench_dual_compile 150 $FF bench --modality dual "${BENCH[@]}" --compile --skip read augment eval \
+  --warmup 10 --out "$W/bench_dual_compile"
+echo "== done in $(($(date +%s) - START)) s"

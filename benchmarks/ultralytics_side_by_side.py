@@ -460,6 +460,11 @@ def _check(args: argparse.Namespace) -> None:
         raise SystemExit(f"ultralytics is not installed: {INSTALL_HINT} (or pass --skip-ultralytics)")
 
 
+def _write_report(out: Path, report: dict[str, Any]) -> None:
+    report["ratios"] = ratios(report["runs"])
+    write_json_atomic(out / "side_by_side.json", report, indent=2)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison; print the table and write ``OUT/side_by_side.json``."""
     args = build_parser().parse_args(argv)
@@ -519,6 +524,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     out / "fredfusion",
                     seed=args.seed,
                 )
+                _write_report(out, report)  # a partial report survives a run that is stopped later
             if not args.skip_ultralytics:
                 report["runs"]["ultralytics"] = train_ultralytics(
                     Path(report["export"]["data_yaml"]),
@@ -534,8 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
         finally:
             torch.set_num_threads(before)
-    report["ratios"] = ratios(report["runs"])
-    write_json_atomic(out / "side_by_side.json", report, indent=2)
+    _write_report(out, report)
     print(format_report(report))
     print(f"wrote {out / 'side_by_side.json'}")
     return report
