@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/PERFORMANCE.md in one run on an H100/H200 machine without network access.
 # Before (on a machine with network, from the repo root):
-#   ../shared/tools/device-wheels.sh ultralytics==8.4.190 ultralytics-thop polars   (+ polars-runtime-32)
+#   ../shared/tools/device-wheels.sh ultralytics==8.4.190 ultralytics-thop polars polars-runtime-32
 # then carry .whl/ to the GPU machine and run: bash benchmarks/gpu_run.sh OUT_DIR [BUDGET_S]
 # Every step has a time limit inside BUDGET_S (default 540) and writes its log under a work folder;
 # a failing step does not stop the others. OUT_DIR receives summary.log (every step's tail) and
@@ -21,7 +21,7 @@ fi
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 FF="python3 -m fredfusion"  # word-split on purpose: timeout runs programs, not functions
 left() { echo $((BUDGET - ($(date +%s) - START))); }
-pack() { tar -czf "$OUT/.results.$BASHPID.tgz" -C "$W" . 2>/dev/null && mv -f "$OUT/.results.$BASHPID.tgz" "$OUT/results.tgz"; }
+pack() { tar -czf "$OUT/.results.$BASHPID.tgz" --exclude='*.pt' --exclude='*.pth' --exclude=yolo -C "$W" . 2>/dev/null && mv -f "$OUT/.results.$BASHPID.tgz" "$OUT/results.tgz"; }
 step() {  # step NAME LIMIT_S command...
   local name=$1 limit=$2 l t0
   shift 2

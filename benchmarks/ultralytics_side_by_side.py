@@ -301,8 +301,10 @@ def train_ultralytics(
     spans: list[float] = []
     start: list[float] = []
 
-    def on_train_start(_trainer: Any) -> None:
-        torch.set_num_threads(threads)  # Ultralytics resets the CPU thread count when it picks the device
+    def keep_threads(_owner: Any) -> None:
+        # Ultralytics sets min(8, cpus - 1) CPU threads whenever it picks a CPU device (training and
+        # the final validation): put the requested count back after each pick
+        torch.set_num_threads(threads)
 
     def on_epoch_start(_trainer: Any) -> None:
         _sync(device)
@@ -312,7 +314,8 @@ def train_ultralytics(
         _sync(device)
         spans.append(time.perf_counter() - start[-1])
 
-    net.add_callback("on_train_start", on_train_start)
+    net.add_callback("on_train_start", keep_threads)
+    net.add_callback("on_val_start", keep_threads)
     net.add_callback("on_train_epoch_start", on_epoch_start)
     net.add_callback("on_train_epoch_end", on_epoch_end)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -268,6 +268,10 @@ def test_side_by_side_ultralytics_offline(
     monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "config"))  # before ultralytics is imported
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     pytest.importorskip("ultralytics")
+    from ultralytics.utils import torch_utils
+
+    # as on a machine with more cores: Ultralytics then sets 3 threads whenever it picks the CPU
+    monkeypatch.setattr(torch_utils, "NUM_THREADS", 3)
     attempts: list[Any] = []
 
     def refuse(*args: Any, **kwargs: Any) -> None:

@@ -861,7 +861,7 @@ class Trainer:
             row["mAP50_95"] = result.metrics.get("mAP50_95")
             self.log(
                 f"epoch {epoch + 1}: mAP50 {row['mAP50']:.4f}  mAP50:95 {row['mAP50_95']:.4f}  "
-                f"val_loss {row['val_loss']:.4f}  ({result.metrics.get('pairs_per_s', 0):.0f} pairs/s)"
+                f"val_loss {row['val_loss']:.4f}  (eval {result.metrics.get('pairs_per_s', 0):.0f} pairs/s)"
             )
         else:
             self.log(f"epoch {epoch + 1}: val_loss {row['val_loss']:.4f}")
