@@ -6,7 +6,8 @@
 # Every step has a time limit inside BUDGET_S (default 540) and writes its log under a work folder;
 # a failing step does not stop the others. OUT_DIR receives summary.log (every step's tail) and
 # results.tgz (all logs and JSON files), refreshed after each step.
-# SMALL=1 runs the same steps at toy sizes (CPU is fine) to check the script itself.
+# SMALL=1 runs the same steps at toy sizes (CPU is fine) to check the script itself; SKIP="demo cpu_suite"
+# leaves the named steps out (to give the others, e.g. bench_dual_compile, more of the budget).
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_run.sh OUT_DIR [BUDGET_S]}
 BUDGET=${2:-540}
@@ -26,6 +27,7 @@ step() {  # step NAME LIMIT_S command...
   local name=$1 limit=$2 l t0
   shift 2
   l=$(left)
+  if [[ " ${SKIP:-} " == *" $name "* ]]; then echo "== $name: skipped (SKIP)"; return; fi
   if [ "$l" -lt 20 ]; then echo "== $name: skipped (budget spent)"; return; fi
   [ "$limit" -gt "$l" ] && limit=$l
   echo "== $name (limit ${limit} s, $(($(date +%s) - START)) s in): $*"
