@@ -165,3 +165,25 @@ def test_missing_weights_file_falls_back_to_random_init(
     )
     Trainer(cfg).fit()
     assert "nope.pth not found; training from random init" in capsys.readouterr().out
+
+
+def test_compile_flag_trains_through_torch_compile_and_saves_plain_keys(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fredfusion.model.detector import build_model
+
+    real_compile = torch.compile
+    compiled: list[torch.nn.Module] = []
+
+    def eager_compile(model: torch.nn.Module, **kwargs):  # dynamo tracing without inductor's codegen
+        compiled.append(model)
+        return real_compile(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    cfg = _cfg(tiny_prepared, tmp_path, unfreeze_epoch=1, compile=True)
+    summary = Trainer(cfg).fit()
+    assert len(compiled) == 1 and summary["best"] is not None
+    for name in ("last.pth", "best.pth"):
+        ckpt = load_checkpoint(tmp_path / "dual" / name)
+        assert not any("_orig_mod" in k for k in ckpt["model"]), name
+        build_model("dual", "n", num_classes=1).load_state_dict(ckpt["model"])  # strict: every key matches
