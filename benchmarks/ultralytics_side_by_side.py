@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import math
 import os
 import shutil
@@ -61,7 +60,7 @@ import cv2
 import torch
 import yaml
 
-from fredfusion.bench import _commit
+from fredfusion.bench import environment
 from fredfusion.data.coco import write_json_atomic
 from fredfusion.data.dataset import PreparedDataset
 
@@ -405,15 +404,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "device": str(device),
-        "cpu_count": os.cpu_count(),
-        "commit": _commit(),
-    }
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
+    env = environment(device)
     if ultralytics_available():
         from importlib.metadata import version
 

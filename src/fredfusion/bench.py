@@ -44,6 +44,7 @@ __all__ = [
     "DATA_WAIT_LIMIT",
     "LABELS",
     "PARTS",
+    "environment",
     "format_table",
     "run_bench",
     "verdict",
@@ -184,7 +185,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _environment(device: torch.device) -> dict[str, Any]:
+def environment(device: torch.device) -> dict[str, Any]:
+    """Date, versions, device and CPU names, thread count and commit of a benchmark run."""
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
@@ -646,7 +648,7 @@ def _run(
             "skip": [p for p in PARTS if p in set(skip)],
             "seed": seed,
         },
-        "environment": _environment(dev),
+        "environment": environment(dev),
         "model": {"params": info["params"], "gflops_per_pair": info["gflops"]},
         "results": {},
     }
