@@ -158,6 +158,18 @@ def _loader_warmup(warmup: int, loader: BatchLoader) -> int:
     return max(warmup, loader.num_workers * loader.prefetch_factor) if warmup else 0
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """``threads`` > 0: that many torch CPU threads inside the block, the previous count after it."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _commit() -> str | None:
     """Short git commit of the source tree, when it is a git checkout."""
     try:
@@ -562,146 +574,106 @@ def run_bench(
     """
     if threads < 0:
         raise ValueError(f"bench: --threads must be >= 0, got {threads}")
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _run(
-            Path(data),
-            modality,
-            model,
-            batch,
-            steps,
-            warmup,
-            input_hw,
-            workers,
-            device,
-            compile,
-            out,
-            skip,
-            eval_batch,
-            fusion,
-            seed,
-            log,
-        )
-    finally:
-        torch.set_num_threads(before)
-
-
-def _run(
-    data: Path,
-    modality: str,
-    model: str,
-    batch: int,
-    steps: int,
-    warmup: int,
-    input_hw: tuple[int, int],
-    workers: int,
-    device: str,
-    compile: bool,
-    out: str | Path | None,
-    skip: Sequence[str],
-    eval_batch: int | None,
-    fusion: str,
-    seed: int,
-    log: Callable[[str], None] | None,
-) -> dict[str, Any]:
     from fredfusion.engine.ema import unwrap
     from fredfusion.engine.trainer import Distributed, amp_dtype_for, augment_config, pick_device
     from fredfusion.model import build_model, model_info
     from fredfusion.model.anchors import default_anchors
 
-    h, w = _check_args(batch, steps, warmup, input_hw, workers, skip)
-    input_hw = (h, w)
-    eval_batch = batch if eval_batch is None else eval_batch
-    if eval_batch < 1:
-        raise ValueError(f"bench: --eval-batch must be >= 1, got {eval_batch}")
-    train_set = _train_dataset(data, modality)
-    dev = pick_device(device, Distributed())
-    cfg = TrainConfig(modality=modality, model=model, fusion=fusion, input_shape=[h, w], device=str(dev))
-    amp_dtype = amp_dtype_for(dev, True)
-    aug = augment_config(cfg)
+    data = Path(data)
+    with _torch_threads(threads):
+        h, w = _check_args(batch, steps, warmup, input_hw, workers, skip)
+        input_hw = (h, w)
+        eval_batch = batch if eval_batch is None else eval_batch
+        if eval_batch < 1:
+            raise ValueError(f"bench: --eval-batch must be >= 1, got {eval_batch}")
+        train_set = _train_dataset(data, modality)
+        dev = pick_device(device, Distributed())
+        cfg = TrainConfig(modality=modality, model=model, fusion=fusion, input_shape=[h, w], device=str(dev))
+        amp_dtype = amp_dtype_for(dev, True)
+        aug = augment_config(cfg)
 
-    net = build_model(modality, model, fusion, num_classes=1, anchors=default_anchors() * (w / 640))
-    info = model_info(net, input_hw)
-    net = net.to(dev)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    wrapped: nn.Module = torch.compile(net) if compile else net
-    report: dict[str, Any] = {
-        "config": {
-            "data": str(data),
-            "modality": modality,
-            "model": model,
-            "fusion": fusion,
-            "batch": batch,
-            "eval_batch": eval_batch,
-            "steps": steps,
-            "warmup": warmup,
-            "input_hw": [h, w],
-            "store_hw": list(train_set.store_hw),
-            "train_images": len(train_set),
-            "workers": workers,
-            "compile": bool(compile),
-            "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
-            "channels_last": bool(cfg.channels_last),
-            "skip": [p for p in PARTS if p in set(skip)],
-            "seed": seed,
-        },
-        "environment": environment(dev),
-        "model": {"params": info["params"], "gflops_per_pair": info["gflops"]},
-        "results": {},
-    }
-    results: dict[str, dict[str, Any]] = report["results"]
-    say = log or (lambda _m: None)
+        net = build_model(modality, model, fusion, num_classes=1, anchors=default_anchors() * (w / 640))
+        info = model_info(net, input_hw)
+        net = net.to(dev)
+        if cfg.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        wrapped: nn.Module = torch.compile(net) if compile else net
+        report: dict[str, Any] = {
+            "config": {
+                "data": str(data),
+                "modality": modality,
+                "model": model,
+                "fusion": fusion,
+                "batch": batch,
+                "eval_batch": eval_batch,
+                "steps": steps,
+                "warmup": warmup,
+                "input_hw": [h, w],
+                "store_hw": list(train_set.store_hw),
+                "train_images": len(train_set),
+                "workers": workers,
+                "compile": bool(compile),
+                "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+                "channels_last": bool(cfg.channels_last),
+                "skip": [p for p in PARTS if p in set(skip)],
+                "seed": seed,
+            },
+            "environment": environment(dev),
+            "model": {"params": info["params"], "gflops_per_pair": info["gflops"]},
+            "results": {},
+        }
+        results: dict[str, dict[str, Any]] = report["results"]
+        say = log or (lambda _m: None)
 
-    def want(part: str) -> bool:
-        return part not in skip
+        def want(part: str) -> bool:
+            return part not in skip
 
-    if want("read"):
-        results["read"] = _bench_read(train_set, batch, steps, warmup, workers, dev, seed)
-        say(f"bench: read {_fmt(results['read']['pairs_per_s'])} pairs/s")
-    if want("augment"):
-        results["augment"] = _bench_augment(train_set, batch, steps, warmup, input_hw, aug, dev, seed)
-        say(f"bench: augment {_fmt(results['augment']['pairs_per_s'])} pairs/s")
-    if want("step") or want("train"):
-        step = _TrainStep(cfg, net, wrapped, batch)
-        if want("step"):
-            results["step"] = _bench_step(
-                step, modality, batch, steps, warmup, input_hw, info["gflops"], dev, seed
-            )
-            say(f"bench: model step {_fmt(results['step']['pairs_per_s'])} pairs/s")
-        if want("train"):
-            results["train"] = _bench_train(
-                step, train_set, batch, steps, warmup, workers, input_hw, aug, dev, seed
-            )
-            say(f"bench: end to end {_fmt(results['train']['pairs_per_s'])} pairs/s")
-            if "augment" in results and "step" in results:
-                # augmentation and the step run one after the other on the device
-                bound = 1.0 / (1.0 / results["augment"]["pairs_per_s"] + 1.0 / results["step"]["pairs_per_s"])
-                train = results["train"]
-                train["augment_step_bound"] = bound
-                train["detail"] += (
-                    f"; {100 * train['pairs_per_s'] / bound:.0f}% of augment+step {_fmt(bound)}"
+        if want("read"):
+            results["read"] = _bench_read(train_set, batch, steps, warmup, workers, dev, seed)
+            say(f"bench: read {_fmt(results['read']['pairs_per_s'])} pairs/s")
+        if want("augment"):
+            results["augment"] = _bench_augment(train_set, batch, steps, warmup, input_hw, aug, dev, seed)
+            say(f"bench: augment {_fmt(results['augment']['pairs_per_s'])} pairs/s")
+        if want("step") or want("train"):
+            step = _TrainStep(cfg, net, wrapped, batch)
+            if want("step"):
+                results["step"] = _bench_step(
+                    step, modality, batch, steps, warmup, input_hw, info["gflops"], dev, seed
                 )
-        del step
-    if want("eval"):
-        eval_set, split = _eval_dataset(data, modality, train_set)
-        results["eval"] = _bench_eval(
-            wrapped, eval_set, split, eval_batch, steps, warmup, workers, input_hw, amp_dtype, dev
-        )
-        say(f"bench: eval {_fmt(results['eval']['pairs_per_s'])} pairs/s")
-    unwrap(wrapped).train()
+                say(f"bench: model step {_fmt(results['step']['pairs_per_s'])} pairs/s")
+            if want("train"):
+                results["train"] = _bench_train(
+                    step, train_set, batch, steps, warmup, workers, input_hw, aug, dev, seed
+                )
+                say(f"bench: end to end {_fmt(results['train']['pairs_per_s'])} pairs/s")
+                if "augment" in results and "step" in results:
+                    # augmentation and the step run one after the other on the device
+                    bound = 1.0 / (
+                        1.0 / results["augment"]["pairs_per_s"] + 1.0 / results["step"]["pairs_per_s"]
+                    )
+                    train = results["train"]
+                    train["augment_step_bound"] = bound
+                    train["detail"] += (
+                        f"; {100 * train['pairs_per_s'] / bound:.0f}% of augment+step {_fmt(bound)}"
+                    )
+            del step
+        if want("eval"):
+            eval_set, split = _eval_dataset(data, modality, train_set)
+            results["eval"] = _bench_eval(
+                wrapped, eval_set, split, eval_batch, steps, warmup, workers, input_hw, amp_dtype, dev
+            )
+            say(f"bench: eval {_fmt(results['eval']['pairs_per_s'])} pairs/s")
+        unwrap(wrapped).train()
 
-    report["verdict"], report["bottleneck"] = verdict(results)
-    if out is not None:
-        from fredfusion.data.coco import write_json_atomic
+        report["verdict"], report["bottleneck"] = verdict(results)
+        if out is not None:
+            from fredfusion.data.coco import write_json_atomic
 
-        path = Path(out) / "bench.json"
-        write_json_atomic(path, report, indent=2)
-        report["path"] = str(path)
-    if log is not None:
-        log(format_table(report))
-        if "path" in report:
-            log(f"wrote {report['path']}")
-    return report
+            path = Path(out) / "bench.json"
+            write_json_atomic(path, report, indent=2)
+            report["path"] = str(path)
+        if log is not None:
+            log(format_table(report))
+            if "path" in report:
+                log(f"wrote {report['path']}")
+        return report
