@@ -35,6 +35,7 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
         default="flat",
         help="flat: <id>/ side by side; official: train/<id>/ and test/<id>/ with real FRED ids",
     )
+    p.add_argument("--workers", type=int, default=None, help="threads writing sequences (default: CPU cores)")
     p.set_defaults(func=run_synth)
 
 
@@ -51,6 +52,7 @@ def run_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         layout=args.layout,
         progress=True,
+        workers=args.workers,
     )
     print(
         f"synth: wrote {len(info.sequence_ids)} sequences to {args.out} in {time.perf_counter() - t0:.1f} s"
@@ -221,7 +223,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--sequences", type=int, default=10)
     p.add_argument("--frames", type=int, default=60)
-    p.add_argument("--epochs", type=int, default=None, help="default: 15 on CPU, 60 on GPU")
+    p.add_argument("--epochs", type=int, default=None, help="default: 8 on CPU, 60 on GPU")
     p.add_argument("--modality", choices=("rgb", "event", "dual"), default="dual")
     p.add_argument("--model", default="n")
     p.add_argument("--device", default="")

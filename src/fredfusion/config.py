@@ -41,7 +41,7 @@ class TrainConfig:
     freeze_train: bool = True  # run the freeze phase (backbones frozen) before unfreezing
     freeze_training: bool = False  # train the freeze phase only, then stop
     # optimisation
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # sgd | adamw | auto (AdamW for short schedules, SGD for long ones)
     init_lr: float = 1e-2
     min_lr_ratio: float = 0.01
     momentum: float = 0.937
@@ -130,7 +130,7 @@ CHOICES = {
     "modality": ("rgb", "event", "dual"),
     "model": ("n", "s", "m", "l", "x"),
     "fusion": ("concat", "attention", "early"),
-    "optimizer": ("sgd", "adamw", "adam"),
+    "optimizer": ("sgd", "adamw", "adam", "auto"),
     "lr_decay_type": ("cos", "step", "linear"),
     "pairs": ("required", "dual", "any"),
     "best_metric": ("mAP50", "mAP50_95", "val_loss"),

@@ -322,12 +322,13 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_deterministic_bytes(tmp_path: Path) -> None:
-    args = {"sequences": 2, "frames": 6, "width": 128, "height": 72}
-    write_sample(tmp_path / "a", seed=5, **args)
-    write_sample(tmp_path / "b", seed=5, **args)
+    args = {"sequences": 3, "frames": 6, "width": 128, "height": 72}
+    info = write_sample(tmp_path / "a", seed=5, workers=1, **args)
+    threaded = write_sample(tmp_path / "b", seed=5, workers=3, **args)
     write_sample(tmp_path / "c", seed=6, **args)
     a, b, c = (tree_bytes(tmp_path / n) for n in "abc")
-    assert a == b
+    assert a == b  # threads writing whole sequences change nothing
+    assert (threaded.sequence_ids, threaded.scenarios) == (info.sequence_ids, info.scenarios)
     assert a["0/coordinates.txt"] != c["0/coordinates.txt"]
     assert set(a) != set(c)  # different wall-clock times -> different RGB names
 

@@ -187,3 +187,21 @@ def test_compile_flag_trains_through_torch_compile_and_saves_plain_keys(
         ckpt = load_checkpoint(tmp_path / "dual" / name)
         assert not any("_orig_mod" in k for k in ckpt["model"]), name
         build_model("dual", "n", num_classes=1).load_state_dict(ckpt["model"])  # strict: every key matches
+
+
+@pytest.mark.parametrize("max_steps", [10_000, 1])
+def test_optimizer_auto_picks_adamw_for_a_short_run_and_sgd_for_a_long_one(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_steps: int
+) -> None:
+    monkeypatch.setattr("fredfusion.engine.optim.AUTO_MAX_STEPS", max_steps)
+    lines: list[str] = []
+    trainer = Trainer(
+        _cfg(tiny_prepared, tmp_path, unfreeze_epoch=1, optimizer="auto", no_eval_map=True), log=lines.append
+    )
+    trainer.fit()
+    short = max_steps > 1
+    assert isinstance(trainer.optimizer, torch.optim.AdamW if short else torch.optim.SGD)
+    assert any(f"optimizer auto: {'AdamW' if short else 'SGD'} for " in line for line in lines)
+    base = [line for line in lines if line.startswith("phase:")][0]
+    assert base.endswith("base lr 2.00e-03" if short else f"base lr {trainer.base_lr(8):.2e}")
+    assert load_checkpoint(tmp_path / "dual" / "last.pth")["config"]["optimizer"] == "auto"

@@ -34,6 +34,25 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {name!r} (sgd, adamw)")
 
 
+AUTO_MAX_STEPS = 10_000
+"""``optimizer: auto`` picks AdamW for schedules of at most this many optimizer steps, SGD beyond."""
+AUTO_ADAMW_LR = 2e-3
+"""Learning rate of the AdamW that ``auto`` picks (fixed: not scaled by the batch size)."""
+
+
+def resolve_optimizer(name: str, total_steps: int) -> tuple[str, float | None]:
+    """The optimizer a run uses and its fixed learning rate (None: Init_lr scaled by the batch).
+
+    ``auto`` is AdamW at :data:`AUTO_ADAMW_LR` for a schedule of at most :data:`AUTO_MAX_STEPS`
+    steps (a short run from scratch learns several times faster with it than with SGD), else SGD.
+    """
+    if name != "auto":
+        return name, None
+    if total_steps <= AUTO_MAX_STEPS:
+        return "adamw", AUTO_ADAMW_LR
+    return "sgd", None
+
+
 def scaled_lr(init_lr: float, batch_size: int, optimizer: str, nominal_batch: int = 64) -> float:
     """Init_lr scaled by batch / nominal batch, clamped to the ranges the seed tool used."""
     lo, hi = (3e-4, 1e-3) if optimizer in ("adam", "adamw") else (5e-4, 5e-2)

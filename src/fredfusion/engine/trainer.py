@@ -47,7 +47,14 @@ from fredfusion.engine.checkpoint import (
     state_dict_of,
 )
 from fredfusion.engine.ema import ModelEMA, unwrap
-from fredfusion.engine.optim import LRSchedule, build_optimizer, scaled_lr, set_lr
+from fredfusion.engine.optim import (
+    AUTO_MAX_STEPS,
+    LRSchedule,
+    build_optimizer,
+    resolve_optimizer,
+    scaled_lr,
+    set_lr,
+)
 from fredfusion.engine.run_log import RunLog
 from fredfusion.model import build_model, model_info
 from fredfusion.model.loss import LossConfig, YoloLoss
@@ -212,6 +219,8 @@ class Trainer:
         self._batch_override: dict[bool, int] = {}  # phase (frozen) -> batch lowered after out of memory
         self._phase_steps = 0  # steps done since the current phase (batch size) started
         self._saved_epoch: int | None = None  # epoch of the last checkpoint on disk
+        # (optimizer, fixed lr or None): "auto" is resolved again in fit() from the schedule's length
+        self.optim_choice = resolve_optimizer(cfg.optimizer, 0)
 
     def log(self, message: str) -> None:
         if self.dist.main:
@@ -409,13 +418,30 @@ class Trainer:
             max_batches=epoch_batches,
         )
 
+    def base_lr(self, batch: int) -> float:
+        """Learning rate of a phase at ``batch`` per process: Init_lr scaled by the global batch,
+        or the fixed rate of the optimizer ``auto`` picked."""
+        name, fixed = self.optim_choice
+        if fixed is not None:
+            return fixed
+        return scaled_lr(self.cfg.init_lr, batch * self.dist.world_size, name, self.cfg.nominal_batch)
+
+    def _total_steps(self, end_epoch: int) -> int:
+        """Optimizer steps from init_epoch to end_epoch with the configured phases and batches."""
+        cfg, n, total = self.cfg, len(self.train_set), 0
+        for epoch in range(cfg.init_epoch, end_epoch):
+            per_epoch = max(n // (self._phase(epoch)[1] * self.dist.world_size), 1)
+            total += min(per_epoch, cfg.quick_test_batches) if cfg.quick_test else per_epoch
+        return total
+
     def setup_step(self, model: nn.Module, batch: int) -> None:
         """The parts of an optimisation step for ``model`` (on the device): optimizer at the LR of
         ``batch``, GradScaler (fp16 only), EMA, NaN guard, loss and augmentation settings."""
         cfg = self.cfg
-        lr = scaled_lr(cfg.init_lr, batch, cfg.optimizer, cfg.nominal_batch)
         self.model = model
-        self.optimizer = build_optimizer(model, cfg.optimizer, lr, cfg.momentum, cfg.weight_decay)
+        self.optimizer = build_optimizer(
+            model, self.optim_choice[0], self.base_lr(batch), cfg.momentum, cfg.weight_decay
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.ema = ModelEMA(model) if cfg.ema else None
         self.guard = StepGuard(model, self.device)
@@ -441,6 +467,14 @@ class Trainer:
         if cfg.quick_test:
             end_epoch = cfg.init_epoch + 1
         _first_frozen, first_batch = self._phase(cfg.init_epoch)
+        if cfg.optimizer == "auto":
+            steps = self._total_steps(end_epoch)
+            self.optim_choice = resolve_optimizer("auto", steps)
+            name = {"adamw": "AdamW", "sgd": "SGD"}[self.optim_choice[0]]
+            self.log(
+                f"optimizer auto: {name} for {steps} steps (AdamW at a fixed lr up to "
+                f"{AUTO_MAX_STEPS}, SGD with the scaled Init_lr beyond)"
+            )
         self.setup_step(model, first_batch)
         self.schedule = LRSchedule(
             total_epochs=float(end_epoch - cfg.init_epoch if cfg.quick_test else end_epoch),
@@ -479,9 +513,7 @@ class Trainer:
                     loader = self._loader(
                         self.train_set, batch, cfg.quick_test_batches if cfg.quick_test else None
                     )
-                    base_lr = scaled_lr(
-                        cfg.init_lr, batch * self.dist.world_size, cfg.optimizer, cfg.nominal_batch
-                    )
+                    base_lr = self.base_lr(batch)
                     current_phase = (frozen, batch)
                     self._phase_steps = 0
                     self.log(
@@ -516,7 +548,6 @@ class Trainer:
 
     def _lower_batch(self, frozen: bool, batch: int, step: int, detail: str) -> None:
         """After out of memory: halve the phase's batch and go on, or stop with the reason."""
-        cfg = self.cfg
         where = f"out of memory on {self.device} at batch {batch} ({detail})"
         key = "freeze_batch_size" if frozen else "unfreeze_batch_size"
         if self.dist.world_size > 1:
@@ -543,7 +574,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         new = batch // 2
-        lr = scaled_lr(cfg.init_lr, new * self.dist.world_size, cfg.optimizer, cfg.nominal_batch)
+        lr = self.base_lr(new)
         self.log(f"out of memory at batch {batch}: retrying with batch {new}, lr {lr:.2e}")
         self._batch_override[frozen] = new
 
