@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from fredfusion.config import ALIASES, FIELDS, ConfigError, TrainConfig, load_config, parse_bool
+from fredfusion.config import ALIASES, CHOICES, FIELDS, ConfigError, TrainConfig, load_config, parse_bool
 
 DEFAULT_FRED_ROOT = "/mnt/data/datasets/fred"
 
@@ -116,6 +116,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
             "default": argparse.SUPPRESS,
             "help": f"(default: {getattr(defaults, name)})",
         }
+        if name in CHOICES:
+            kwargs["help"] = f"{' | '.join(CHOICES[name])} {kwargs['help']}"
         if kind is bool:
             kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
         elif name == "input_shape":
