@@ -225,7 +225,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--sequences", type=int, default=10)
     p.add_argument("--frames", type=int, default=60)
-    p.add_argument("--epochs", type=int, default=None, help="default: 8 on CPU, 60 on GPU")
+    p.add_argument("--epochs", type=int, default=None, help="default: 7 on CPU, 60 on GPU")
     p.add_argument("--modality", choices=("rgb", "event", "dual"), default="dual")
     p.add_argument("--model", default="n")
     p.add_argument("--device", default="")

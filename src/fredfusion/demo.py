@@ -32,7 +32,7 @@ def run_demo(
     from fredfusion.eval.run import evaluate_checkpoints
 
     gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    epochs = epochs or (60 if gpu else 8)
+    epochs = epochs or (60 if gpu else 7)
     imgsz = imgsz or (640 if gpu else 320)
     out = Path(out)
     t0 = time.perf_counter()
