@@ -10,8 +10,9 @@ import torch
 
 from fredfusion.cli import main
 from fredfusion.config import load_config
-from fredfusion.engine.checkpoint import load_checkpoint
+from fredfusion.engine.checkpoint import load_checkpoint, load_model
 from fredfusion.engine.trainer import Trainer
+from fredfusion.model.anchors import default_anchors
 
 TINY = {
     "model": "n",
@@ -205,3 +206,29 @@ def test_optimizer_auto_picks_adamw_for_a_short_run_and_sgd_for_a_long_one(
     base = next(line for line in lines if line.startswith("phase:"))
     assert base.endswith("base lr 2.00e-03" if short else f"base lr {trainer.base_lr(8):.2e}")
     assert load_checkpoint(tmp_path / "dual" / "last.pth")["config"]["optimizer"] == "auto"
+
+
+@pytest.mark.parametrize("default_scale", [1.0, 16.0])
+def test_autoanchor_replaces_defaults_only_when_kmeans_recalls_more(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, default_scale: float
+) -> None:
+    # x16: defaults far too large for the tiny sample's 2-10 px drones, so k-means must win
+    defaults = default_anchors() * default_scale
+    monkeypatch.setattr("fredfusion.model.anchors.default_anchors", lambda: defaults.clone())
+    lines: list[str] = []
+    cfg = _cfg(tiny_prepared, tmp_path, unfreeze_epoch=1, autoanchor=True, no_eval_map=True)
+    Trainer(cfg, log=lines.append).fit()
+    line = next(line for line in lines if line.startswith("autoanchor:"))
+    found = re.fullmatch(r"autoanchor: k-means recall ([\d.]+) vs default ([\d.]+) on (\d+) boxes", line)
+    assert found, line
+    kmeans_recall, default_recall = float(found[1]), float(found[2])
+    model, _payload = load_model(tmp_path / "dual" / "last.pth")  # the anchors travel in the checkpoint
+    scaled = defaults * (128 / 640)
+    if default_scale == 1.0:  # every tiny-sample box already matches a default anchor: kept
+        assert kmeans_recall == default_recall == 1.0
+        torch.testing.assert_close(model.anchors, scaled)
+    else:
+        assert default_recall < 0.5 and kmeans_recall > 0.95
+        assert not torch.allclose(model.anchors, scaled)
+        area = model.anchors.prod(-1).flatten()
+        assert torch.all(area[1:] >= area[:-1])  # smallest anchors on the finest level (P3)
