@@ -10,7 +10,16 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from fredfusion.config import ALIASES, CHOICES, FIELDS, ConfigError, TrainConfig, load_config, parse_bool
+from fredfusion.config import (
+    ALIASES,
+    CHOICES,
+    FIELDS,
+    NMS_IOU,
+    ConfigError,
+    TrainConfig,
+    load_config,
+    parse_bool,
+)
 
 DEFAULT_FRED_ROOT = "/mnt/data/datasets/fred"
 
@@ -186,7 +195,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--conf", type=float, default=0.001)
-    p.add_argument("--iou", type=float, default=0.6)
+    p.add_argument("--iou", type=float, default=NMS_IOU, help=f"NMS IoU threshold (default {NMS_IOU})")
     p.add_argument("--input-shape", type=int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--device", default="")
     p.add_argument("--workers", type=int, default=0)

@@ -28,6 +28,8 @@ import cv2
 import numpy as np
 import torch
 
+from fredfusion.config import NMS_IOU
+
 __all__ = [
     "CSV_COLUMNS",
     "IMAGE_EXTENSIONS",
@@ -542,7 +544,7 @@ def predict(
     event: Path | None = None,
     out: Path | None = None,
     conf: float = 0.25,
-    iou: float = 0.6,
+    iou: float = NMS_IOU,
     device: str = "",
     batch: int = 16,
     input_hw: tuple[int, int] | None = None,
@@ -778,7 +780,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--event", type=Path, default=None, help="dual models: the event frame (or folder) matching --source"
     )
     p.add_argument("--conf", type=float, default=0.25, help="score threshold")
-    p.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold")
+    p.add_argument("--iou", type=float, default=NMS_IOU, help=f"NMS IoU threshold (default {NMS_IOU})")
     p.add_argument(
         "--out", type=Path, default=None, help="output folder (default: runs/predict/<source name>)"
     )

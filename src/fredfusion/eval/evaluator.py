@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fredfusion.config import NMS_IOU
 from fredfusion.eval.coco_metrics import CocoResult, coco_map
 
 __all__ = ["EvalResult", "evaluate", "predict_frames", "restrict_gt"]
@@ -92,7 +93,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     input_hw: tuple[int, int] = (384, 640),
     conf: float = 0.001,
-    iou: float = 0.6,
+    iou: float = NMS_IOU,
     max_det: int = 300,
     amp_dtype: torch.dtype | None = None,
     loss_fn: Callable | None = None,
@@ -218,7 +219,7 @@ def predict_frames(
     input_hw: tuple[int, int],
     device: str | torch.device = "cpu",
     conf: float = 0.25,
-    iou: float = 0.6,
+    iou: float = NMS_IOU,
     max_det: int = 300,
 ) -> list[np.ndarray]:
     """Detections ``(n, 6)`` [x1, y1, x2, y2, score, class] in frame pixels for frames ``(B, H, W, 3)`` uint8.

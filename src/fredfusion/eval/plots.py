@@ -15,6 +15,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fredfusion.config import NMS_IOU
+
 __all__ = [
     "COLOR_FP",
     "COLOR_GT",
@@ -240,7 +242,7 @@ def draw_pair_preview(
     input_hw: tuple[int, int],
     device: Any = "cpu",
     conf: float = 0.25,
-    iou: float = 0.6,
+    iou: float = NMS_IOU,
 ) -> np.ndarray:
     """Predictions (red) and gt (green) on RGB | Event of a few images; RGB uint8 (H, W, 3)."""
     from fredfusion.eval.evaluator import predict_frames

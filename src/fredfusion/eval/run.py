@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from fredfusion.config import NMS_IOU
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.engine.checkpoint import load_model
 from fredfusion.engine.trainer import Distributed, amp_dtype_for, pick_device
@@ -32,7 +33,7 @@ def evaluate_checkpoints(
     split: str = "test",
     batch: int = 32,
     conf: float = 0.001,
-    iou: float = 0.6,
+    iou: float = NMS_IOU,
     input_hw: tuple[int, int] | None = None,
     device: str = "",
     workers: int = 0,

@@ -8,6 +8,8 @@ from functools import lru_cache
 import torch
 from torchvision.ops import batched_nms
 
+from fredfusion.config import NMS_IOU
+
 
 @lru_cache(maxsize=32)
 def _grid(ny: int, nx: int, device: torch.device, dtype: torch.dtype, inference: bool) -> torch.Tensor:
@@ -50,7 +52,7 @@ def decode(preds: list[torch.Tensor], anchors: torch.Tensor, strides: Sequence[i
 def non_max_suppression(
     decoded: torch.Tensor,
     conf: float = 0.001,
-    iou: float = 0.6,
+    iou: float = NMS_IOU,
     max_det: int = 300,
     max_nms: int = 1000,
     *,
