@@ -60,7 +60,7 @@ import cv2
 import torch
 import yaml
 
-from fredfusion.bench import environment
+from fredfusion.bench import environment, torch_threads
 from fredfusion.data.coco import write_json_atomic
 from fredfusion.data.dataset import PreparedDataset
 
@@ -468,17 +468,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _check(args)
     device = _device(args.device)
     threads = args.threads or torch.get_num_threads()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "environment": _environment(device),
-        "runs": {},
-    }
-    report["config"].update(device=str(device), threads=threads)
-    with tempfile.TemporaryDirectory(prefix="side_by_side_") as tmp:
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="side_by_side_") as tmp:
+        # inside the thread setting: the environment records the thread count the runs use
+        report: dict[str, Any] = {
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "environment": _environment(device),
+            "runs": {},
+        }
+        report["config"].update(device=str(device), threads=threads)
         prepared = args.data
         if prepared is None:
             from fredfusion.data.prepare import prepare
@@ -504,36 +503,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log=lambda _m: None,
             )
         report["export"] = export_yolo(prepared, out / "yolo")
-        try:
-            for modality in args.modalities:
-                report["runs"][f"fredfusion {modality} {args.model}"] = train_fredfusion(
-                    prepared,
-                    modality,
-                    args.model,
-                    args.epochs,
-                    args.batch,
-                    args.imgsz,
-                    device,
-                    args.workers,
-                    out / "fredfusion",
-                    seed=args.seed,
-                )
-                _write_report(out, report)  # a partial report survives a run that is stopped later
-            if not args.skip_ultralytics:
-                report["runs"]["ultralytics"] = train_ultralytics(
-                    Path(report["export"]["data_yaml"]),
-                    args.model,
-                    args.epochs,
-                    args.batch,
-                    args.imgsz,
-                    device,
-                    args.workers,
-                    out / "ultralytics",
-                    threads,
-                    seed=args.seed,
-                )
-        finally:
-            torch.set_num_threads(before)
+        for modality in args.modalities:
+            report["runs"][f"fredfusion {modality} {args.model}"] = train_fredfusion(
+                prepared,
+                modality,
+                args.model,
+                args.epochs,
+                args.batch,
+                args.imgsz,
+                device,
+                args.workers,
+                out / "fredfusion",
+                seed=args.seed,
+            )
+            _write_report(out, report)  # a partial report survives a run that is stopped later
+        if not args.skip_ultralytics:
+            report["runs"]["ultralytics"] = train_ultralytics(
+                Path(report["export"]["data_yaml"]),
+                args.model,
+                args.epochs,
+                args.batch,
+                args.imgsz,
+                device,
+                args.workers,
+                out / "ultralytics",
+                threads,
+                seed=args.seed,
+            )
     _write_report(out, report)
     print(format_report(report))
     print(f"wrote {out / 'side_by_side.json'}")

@@ -30,9 +30,7 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def one_thread() -> Iterator[None]:
     """torch on one intra-op thread for the test (restored after): tiny models gain nothing from more,
     and on a shared 2-core machine spinning threads slowed small steps down ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from fredfusion.bench import torch_threads
+
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)

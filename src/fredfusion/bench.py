@@ -47,6 +47,7 @@ __all__ = [
     "environment",
     "format_table",
     "run_bench",
+    "torch_threads",
     "verdict",
 ]
 
@@ -159,7 +160,7 @@ def _loader_warmup(warmup: int, loader: BatchLoader) -> int:
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
+def torch_threads(threads: int) -> Iterator[None]:
     """``threads`` > 0: that many torch CPU threads inside the block, the previous count after it."""
     before = torch.get_num_threads()
     if threads:
@@ -580,7 +581,7 @@ def run_bench(
     from fredfusion.model.anchors import default_anchors
 
     data = Path(data)
-    with _torch_threads(threads):
+    with torch_threads(threads):
         h, w = _check_args(batch, steps, warmup, input_hw, workers, skip)
         input_hw = (h, w)
         eval_batch = batch if eval_batch is None else eval_batch
