@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import fredfusion.export as export_mod
-from fredfusion.engine.checkpoint import load_model, model_meta, save_checkpoint
+from fredfusion.engine.checkpoint import save_checkpoint
 from fredfusion.export import ExportError, add_parser, export_onnx, input_names_for, verify_onnx
 from fredfusion.model import build_model
+from fredfusion.model.weights import load_model, model_meta
 
 H, W = 64, 128
 ROWS_64x128 = 3 * (8 * 16 + 4 * 8 + 2 * 4)  # 3 anchors x cells at strides 8, 16, 32

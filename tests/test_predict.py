@@ -26,8 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Untrained YOLO-n checkpoints of the three modalities, trained input shape 64x128."""
-    from fredfusion.engine.checkpoint import model_meta, save_checkpoint
+    from fredfusion.engine.checkpoint import save_checkpoint
     from fredfusion.model import build_model
+    from fredfusion.model.weights import model_meta
 
     folder = tmp_path_factory.mktemp("ckpt")
     out = {}

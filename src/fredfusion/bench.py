@@ -36,8 +36,9 @@ from torch import nn
 
 from fredfusion.config import TrainConfig
 from fredfusion.data.augment import AugmentConfig, augment_batch
-from fredfusion.data.dataset import PreparedDataset, _modalities_of
+from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import BatchLoader, DeviceBatch
+from fredfusion.spec import DEFAULT_INPUT_HW, check_input_hw, frames_for
 
 __all__ = [
     "BOUND_PARTS",
@@ -237,7 +238,7 @@ def _synthetic_batch(
     """Random [0, 1] frames of the model's input size and 2 drone-sized boxes per image, on the device."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     h, w = input_hw
-    mods = _modalities_of(modality)
+    mods = frames_for(modality)
     rgb = torch.rand((batch, 3, h, w), generator=gen) if "rgb" in mods else None
     event = torch.rand((batch, 3, h, w), generator=gen) if "event" in mods else None
     per = 2
@@ -260,7 +261,7 @@ def _synthetic_batch(
 def _bench_read(
     ds: PreparedDataset, batch: int, steps: int, warmup: int, workers: int, device: torch.device, seed: int
 ) -> dict[str, Any]:
-    mods = _modalities_of(ds.modality)
+    mods = frames_for(ds.modality)
     h, w = ds.store_hw
     bytes_per_pair = h * w * 3 * len(mods)
     # one process: PreparedDataset.load (the store gather) into pinned buffers, random batches
@@ -532,11 +533,9 @@ def _check_args(
     if workers < 0:
         raise ValueError(f"bench: --workers must be >= 0, got {workers}")
     try:
-        h, w = (int(v) for v in input_hw)
-    except (TypeError, ValueError):
-        raise ValueError(f"bench: --input-shape must be H W, got {input_hw!r}") from None
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise ValueError(f"bench: --input-shape H W must be positive multiples of 32, got {h} {w}")
+        h, w = check_input_hw(input_hw, "--input-shape")
+    except ValueError as exc:
+        raise ValueError(f"bench: {exc}") from None
     unknown = sorted(set(skip) - set(PARTS))
     if unknown:
         raise ValueError(
@@ -554,7 +553,7 @@ def run_bench(
     batch: int = 32,
     steps: int = 20,
     warmup: int = 3,
-    input_hw: tuple[int, int] = (384, 640),
+    input_hw: tuple[int, int] = DEFAULT_INPUT_HW,
     workers: int = 2,
     device: str = "",
     compile: bool = False,
@@ -576,7 +575,8 @@ def run_bench(
     if threads < 0:
         raise ValueError(f"bench: --threads must be >= 0, got {threads}")
     from fredfusion.engine.ema import unwrap
-    from fredfusion.engine.trainer import Distributed, amp_dtype_for, augment_config, pick_device
+    from fredfusion.engine.runtime import amp_dtype_for, pick_device
+    from fredfusion.engine.trainer import augment_config
     from fredfusion.model import build_model, model_info
     from fredfusion.model.anchors import default_anchors
 
@@ -588,7 +588,7 @@ def run_bench(
         if eval_batch < 1:
             raise ValueError(f"bench: --eval-batch must be >= 1, got {eval_batch}")
         train_set = _train_dataset(data, modality)
-        dev = pick_device(device, Distributed())
+        dev = pick_device(device)
         cfg = TrainConfig(modality=modality, model=model, fusion=fusion, input_shape=[h, w], device=str(dev))
         amp_dtype = amp_dtype_for(dev, True)
         aug = augment_config(cfg)

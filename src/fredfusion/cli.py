@@ -14,12 +14,12 @@ from fredfusion.config import (
     ALIASES,
     CHOICES,
     FIELDS,
-    NMS_IOU,
     ConfigError,
     TrainConfig,
     load_config,
     parse_bool,
 )
+from fredfusion.spec import DEFAULT_INPUT_HW, FUSIONS, MODALITIES, NMS_IOU, SIZES
 
 DEFAULT_FRED_ROOT = "/mnt/data/datasets/fred"
 
@@ -235,8 +235,8 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sequences", type=int, default=10)
     p.add_argument("--frames", type=int, default=60)
     p.add_argument("--epochs", type=int, default=None, help="default: 7 on CPU, 60 on GPU")
-    p.add_argument("--modality", choices=("rgb", "event", "dual"), default="dual")
-    p.add_argument("--model", default="n")
+    p.add_argument("--modality", choices=MODALITIES, default="dual")
+    p.add_argument("--model", choices=tuple(SIZES), default="n")
     p.add_argument("--device", default="")
     p.set_defaults(func=run_demo)
 
@@ -263,14 +263,14 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         help="measure store read, augment, model step, end-to-end and eval rates; name the bottleneck",
     )
     p.add_argument("--data", type=Path, default=Path("datasets/fred_coco"), help="prepared folder")
-    p.add_argument("--modality", choices=("rgb", "event", "dual"), default="dual")
-    p.add_argument("--model", choices=("n", "s", "m", "l", "x"), default="s")
-    p.add_argument("--fusion", choices=("concat", "attention", "early"), default="concat")
+    p.add_argument("--modality", choices=MODALITIES, default="dual")
+    p.add_argument("--model", choices=tuple(SIZES), default="s")
+    p.add_argument("--fusion", choices=FUSIONS, default="concat")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--eval-batch", type=int, default=None, help="default: --batch")
     p.add_argument("--steps", type=int, default=20, help="timed iterations per part")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations before each part")
-    p.add_argument("--input-shape", type=int, nargs=2, default=[384, 640], metavar=("H", "W"))
+    p.add_argument("--input-shape", type=int, nargs=2, default=list(DEFAULT_INPUT_HW), metavar=("H", "W"))
     p.add_argument("--workers", type=int, default=2, help="loader worker processes")
     p.add_argument("--device", default="", help="default: cuda when available, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")

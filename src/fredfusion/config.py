@@ -14,10 +14,15 @@ from typing import Any
 
 import yaml
 
-NMS_IOU = 0.45
-"""Default NMS IoU threshold. Drones are a few pixels wide, so a duplicate box from a neighbouring cell,
-shifted by a pixel, overlaps the first one by only IoU 0.3-0.6; 0.45 removes most of them while two
-real drones rarely overlap that much (measured in docs/DESIGN.md)."""
+from fredfusion.spec import (
+    DEFAULT_INPUT_HW,
+    FUSIONS,
+    MODALITIES,
+    NMS_IOU,
+    SIZES,
+    check_input_hw,
+    input_hw_for_width,
+)
 
 
 class ConfigError(ValueError):
@@ -33,7 +38,7 @@ class TrainConfig:
     modality: str = "dual"
     model: str = "s"
     fusion: str = "concat"
-    input_shape: list[int] = field(default_factory=lambda: [384, 640])  # (height, width), multiples of 32
+    input_shape: list[int] = field(default_factory=lambda: list(DEFAULT_INPUT_HW))  # (height, width)
     weights: str = ""  # initialise from these weights (rgb -> dual mapping supported)
     autoanchor: bool = False
     pairs: str = "required"  # which images train: required (the modality's frames exist), dual, any
@@ -132,9 +137,9 @@ ALIASES: dict[str, str] = {
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CHOICES = {
-    "modality": ("rgb", "event", "dual"),
-    "model": ("n", "s", "m", "l", "x"),
-    "fusion": ("concat", "attention", "early"),
+    "modality": MODALITIES,
+    "model": tuple(SIZES),
+    "fusion": FUSIONS,
     "optimizer": ("sgd", "adamw", "adam", "auto"),
     "lr_decay_type": ("cos", "step", "linear"),
     "pairs": ("required", "dual", "any"),
@@ -235,7 +240,7 @@ def _special(key: str, value: Any, current: dict[str, Any]) -> dict[str, Any]:
         return {"no_eval_map": not _coerce(key, value, bool)}
     if key == "imgsz":
         width = _coerce(key, value, int)
-        return {"input_shape": [round(width * 9 / 16 / 32) * 32, width]}
+        return {"input_shape": list(input_hw_for_width(width))}
     if key == "Min_lr":
         return {"min_lr_ratio": _coerce(key, value, float) / float(current["init_lr"])}
     if key == "batch_size":
@@ -296,8 +301,10 @@ def validate(cfg: TrainConfig, source: str = "") -> None:
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"{name}: {getattr(cfg, name)!r} is not one of {', '.join(choices)}{where}")
-    if len(cfg.input_shape) != 2 or any(v <= 0 or v % 32 for v in cfg.input_shape):
-        raise ConfigError(f"input_shape: {cfg.input_shape} must be [height, width], multiples of 32{where}")
+    try:
+        check_input_hw(cfg.input_shape, "input_shape")
+    except ValueError as exc:
+        raise ConfigError(f"{exc}{where}") from None
     for names, low, high in RANGES:
         for name in names:
             value = getattr(cfg, name)

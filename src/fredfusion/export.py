@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fredfusion.spec import frames_for
+
 __all__ = [
     "OUTPUT_NAME",
     "PARITY_TOL",
@@ -42,11 +44,8 @@ class ExportError(ValueError):
 
 
 def input_names_for(modality: str) -> list[str]:
-    """ONNX input names of a model of ``modality``: rgb -> [rgb], event -> [event], dual -> [rgb, event]."""
-    names = {"rgb": ["rgb"], "event": ["event"], "dual": ["rgb", "event"]}
-    if modality not in names:
-        raise ValueError(f"unknown modality {modality!r}; valid: rgb, event, dual")
-    return list(names[modality])
+    """ONNX input names of a model of ``modality``: the frame kinds it reads (``spec.frames_for``)."""
+    return list(frames_for(modality))
 
 
 class DecodedDetector(nn.Module):
@@ -61,12 +60,8 @@ class DecodedDetector(nn.Module):
         self._decode = decode
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if self.modality == "rgb":
-            maps = self.model(inputs[0], None)
-        elif self.modality == "event":
-            maps = self.model(None, inputs[0])
-        else:
-            maps = self.model(inputs[0], inputs[1])
+        given = dict(zip(frames_for(self.modality), inputs))
+        maps = self.model(given.get("rgb"), given.get("event"))
         return self._decode(maps, self.model.anchors, self.model.strides)
 
 
@@ -77,21 +72,6 @@ def _require(module: str) -> Any:
         raise ExportError(
             f"ONNX export needs the '{module}' package, which is not installed; {_EXTRA_HINT}"
         ) from None
-
-
-def _input_hw(payload: dict[str, Any], given: tuple[int, int] | None, weights: Path) -> tuple[int, int]:
-    if given is not None:
-        shape, source = given, "--input-shape"
-    else:
-        shape = (payload.get("config") or {}).get("input_shape") or [384, 640]
-        source = f"{weights} (config.input_shape)"
-    try:
-        h, w = (int(v) for v in shape)
-    except (TypeError, ValueError):
-        raise ExportError(f"input shape from {source} must be two integers H W, got {shape!r}") from None
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        raise ExportError(f"input shape from {source} must be positive multiples of 32, got {h} {w}")
-    return h, w
 
 
 def _random_inputs(names: list[str], batch: int, input_hw: tuple[int, int], seed: int) -> list[torch.Tensor]:
@@ -142,12 +122,12 @@ def export_onnx(
     """Export a checkpoint to ONNX (decoding in the graph) and check it against PyTorch.
 
     ``out`` defaults to the weights path with suffix ``.onnx``; ``input_hw`` to the training
-    ``config.input_shape`` of the checkpoint (else 384 640). The batch dimension is 1, or named
-    ``batch`` and dynamic with ``dynamic``. With ``check``, onnxruntime runs the file on random inputs
-    (batch 2 when dynamic) and a max abs difference above :data:`PARITY_TOL` raises ExportError.
+    ``config.input_shape`` of the checkpoint (``model.weights.input_hw_of``). The batch dimension is 1,
+    or named ``batch`` and dynamic with ``dynamic``. With ``check``, onnxruntime runs the file on random
+    inputs (batch 2 when dynamic) and a max abs difference above :data:`PARITY_TOL` raises ExportError.
     Returns ``{"path", "inputs", "input_hw", "output_shape", "max_abs_diff", "check_batch"}``.
     """
-    from fredfusion.engine.checkpoint import CheckpointError, load_model
+    from fredfusion.model.weights import CheckpointError, input_hw_of, load_model
 
     weights = Path(weights)
     if not weights.is_file():
@@ -161,7 +141,10 @@ def export_onnx(
         model, payload = load_model(weights, "cpu")
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
-    hw = _input_hw(payload, input_hw, weights)
+    try:
+        hw = input_hw_of(payload, input_hw, str(weights))
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     out = Path(out) if out is not None else weights.with_suffix(".onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -26,9 +26,8 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
-from fredfusion.config import NMS_IOU
+from fredfusion.spec import NMS_IOU, check_modality
 
 __all__ = [
     "CSV_COLUMNS",
@@ -129,11 +128,6 @@ def _is_sequence_folder(folder: Path) -> bool:
     )
 
 
-def _check_modality(modality: str) -> None:
-    if modality not in ("rgb", "event", "dual"):
-        raise ValueError(f"model modality must be 'rgb', 'event' or 'dual', got {modality!r}")
-
-
 def _sequence_source(folder: Path, modality: str, tolerance_ms: float) -> PredictSource:
     from fredfusion.data.fred import read_sequence
     from fredfusion.data.pairing import DUAL, pair_sequence
@@ -197,7 +191,7 @@ def open_source(source: Path, event: Path | None, modality: str, tolerance_ms: f
     and ``Event/Frames/``, paired by time as ``prepare`` does) or a video file (rgb and event
     models only). Raises FileNotFoundError / ValueError naming the path for anything unusable.
     """
-    _check_modality(modality)
+    check_modality(modality)
     source = Path(source).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"{source}: source not found")
@@ -522,18 +516,6 @@ def _safe_stem(name: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- predict
-def _pick_device(requested: str) -> torch.device:
-    if requested:
-        try:
-            device = torch.device(requested)
-        except RuntimeError as exc:
-            raise ValueError(f"--device {requested!r}: {exc}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {requested!r}: CUDA is not available on this machine")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _fmt(v: float) -> str:
     return f"{v:.2f}"
 
@@ -560,8 +542,9 @@ def predict(
     source): None saves all of a source of up to 300 frames and none of a longer one (its video
     is still written). Returns the output paths and the frames/s achieved.
     """
-    from fredfusion.engine.checkpoint import CheckpointError, load_model
+    from fredfusion.engine.runtime import pick_device
     from fredfusion.eval.evaluator import predict_frames
+    from fredfusion.model.weights import CheckpointError, input_hw_of, load_model
 
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
@@ -576,20 +559,14 @@ def predict(
     weights = Path(weights).expanduser()
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: checkpoint not found")
-    dev = _pick_device(device)
+    dev = pick_device(device)
     try:
         model, payload = load_model(weights, dev)
     except CheckpointError as exc:
         raise ValueError(str(exc)) from None
     modality = str(model.modality)
-    if input_hw is None:
-        shape = (payload.get("config") or {}).get("input_shape") or [384, 640]
-        input_hw = (int(shape[0]), int(shape[1]))
-    in_h, in_w = int(input_hw[0]), int(input_hw[1])
-    stride = int(max(int(s) for s in model.strides))
-    if in_h <= 0 or in_w <= 0 or in_h % stride or in_w % stride:
-        raise ValueError(f"--input-shape must be positive multiples of {stride}, got {in_h} {in_w}")
-    input_hw = (in_h, in_w)
+    input_hw = input_hw_of(payload, input_hw, str(weights))
+    in_h, in_w = input_hw
 
     src = open_source(Path(source), Path(event) if event is not None else None, modality, tolerance_ms)
     out_dir = Path(out) if out is not None else Path("runs/predict") / (src.name or "source")

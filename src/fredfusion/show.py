@@ -18,6 +18,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fredfusion.spec import DEFAULT_INPUT_HW
+
 __all__ = [
     "add_parser",
     "dataset_report",
@@ -40,7 +42,9 @@ BOX_COLOR = (0, 200, 0)
 
 
 # ------------------------------------------------------------------------------------------- sizes
-def default_input_hw(store_hw: tuple[int, int], base_hw: tuple[int, int] = (384, 640)) -> tuple[int, int]:
+def default_input_hw(
+    store_hw: tuple[int, int], base_hw: tuple[int, int] = DEFAULT_INPUT_HW
+) -> tuple[int, int]:
     """Augmentation output size for a store of ``store_hw`` (height, width).
 
     ``base_hw`` when the store is at least that wide; else width = the largest multiple of 32 not

@@ -9,13 +9,8 @@ import pytest
 import torch
 
 import fredfusion
-from fredfusion.engine.checkpoint import (
-    CheckpointError,
-    copy_checkpoint,
-    load_checkpoint,
-    load_model,
-    save_checkpoint,
-)
+from fredfusion.engine.checkpoint import copy_checkpoint, save_checkpoint
+from fredfusion.model.weights import CheckpointError, load_checkpoint, load_model
 
 
 class _Exploit:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fredfusion.engine.checkpoint import load_checkpoint
+from fredfusion.model.weights import load_checkpoint
 
 
 def _free_port() -> int:

@@ -15,11 +15,11 @@ from fredfusion.config import load_config
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import rank_indices
 from fredfusion.engine import trainer as trainer_mod
-from fredfusion.engine.checkpoint import load_checkpoint
 from fredfusion.engine.optim import scaled_lr
 from fredfusion.engine.trainer import StepGuard, Trainer, TrainingStopped, restore_where_, zero_where_
 from fredfusion.model.detector import FusionYOLO
 from fredfusion.model.loss import YoloLoss
+from fredfusion.model.weights import load_checkpoint
 
 FAST = {
     "model": "n",

@@ -10,9 +10,9 @@ import torch
 
 from fredfusion.cli import main
 from fredfusion.config import load_config
-from fredfusion.engine.checkpoint import load_checkpoint, load_model
 from fredfusion.engine.trainer import Trainer
 from fredfusion.model.anchors import default_anchors
+from fredfusion.model.weights import load_checkpoint, load_model
 
 TINY = {
     "model": "n",

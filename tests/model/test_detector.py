@@ -12,7 +12,7 @@ from torch import nn
 from fredfusion.model import FusionYOLO, build_model, model_info
 from fredfusion.model.backbone import CSPDarknet
 from fredfusion.model.blocks import C3, SPPF, Bottleneck, Conv, make_divisible, scale_depth, scale_width
-from fredfusion.model.detector import FUSIONS, MODALITIES, SIZES
+from fredfusion.spec import FUSIONS, MODALITIES, SIZES
 
 # local fallback (YOLOv5 COCO anchors, input pixels) so these tests do not depend on anchors.py
 ANCHORS = torch.tensor(

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fredfusion.cli import main
-from fredfusion.engine.checkpoint import load_checkpoint
+from fredfusion.model.weights import load_checkpoint
 
 EPOCHS = 3
 BATCH = 8

@@ -110,8 +110,9 @@ def test_tampered_coco_file_name_fails_eval_command_cleanly(
     small_sample: Any, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from fredfusion.cli import main
-    from fredfusion.engine.checkpoint import model_meta, save_checkpoint
+    from fredfusion.engine.checkpoint import save_checkpoint
     from fredfusion.model import build_model
+    from fredfusion.model.weights import model_meta
 
     out, _ = _tampered_copy(small_sample.prepared, tmp_path, "../../etc/passwd", key="event_file_name")
     model = build_model("dual", "n", "concat", num_classes=1)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from fredfusion.cli import main
-from fredfusion.engine.checkpoint import load_checkpoint
+from fredfusion.model.weights import load_checkpoint
 
 CYCLES = 3
 GROWTH_BOUND_MIB = 40.0

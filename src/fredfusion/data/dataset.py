@@ -12,8 +12,8 @@ import numpy as np
 
 from fredfusion.data.paths import resolve_under
 from fredfusion.data.store import MANIFEST_NAME, BadFrameError, FrameStore, read_frame
+from fredfusion.spec import FRAME_KINDS, check_modality, frames_for
 
-MODALITY_CHOICES = ("rgb", "event", "dual")
 PAIRS_CHOICES = ("required", "dual", "any")
 _PAIR_STATUS = ("dual", "rgb_only", "event_only")
 
@@ -56,10 +56,6 @@ def _load_coco(path: Path) -> dict[str, Any]:
     return coco
 
 
-def _modalities_of(modality: str) -> tuple[str, ...]:
-    return {"rgb": ("rgb",), "event": ("event",), "dual": ("rgb", "event")}[modality]
-
-
 class PreparedDataset:
     """One split of a prepared folder: image list, boxes in store pixels, frames from the store.
 
@@ -79,8 +75,7 @@ class PreparedDataset:
         max_images: int | None = None,
         skip_bad: bool = False,
     ) -> None:
-        if modality not in MODALITY_CHOICES:
-            raise ValueError(f"modality must be one of {MODALITY_CHOICES}, got {modality!r}")
+        check_modality(modality)
         if pairs not in PAIRS_CHOICES:
             raise ValueError(f"pairs must be one of {PAIRS_CHOICES}, got {pairs!r}")
         if max_images is not None and max_images < 0:
@@ -225,7 +220,7 @@ class PreparedDataset:
         if self.store is None:
             return []
         in_store = self.store.has(self.ids)
-        return self.store.damaged(self.ids[in_store], _modalities_of(self.modality))
+        return self.store.damaged(self.ids[in_store], frames_for(self.modality))
 
     def load(
         self,
@@ -244,7 +239,7 @@ class PreparedDataset:
         """
         skip = self.skip_bad if skip_bad is None else bool(skip_bad)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        mods = _modalities_of(self.modality) if modalities is None else tuple(modalities)
+        mods = frames_for(self.modality) if modalities is None else tuple(modalities)
         pos = np.asarray([self._pos(i) for i in ids], dtype=np.int64)
         h, w = self.store_hw
         bad = np.zeros(len(ids), dtype=bool)
@@ -277,7 +272,7 @@ class PreparedDataset:
             else:
                 self._decode_missing(ids, pos, ~in_store, frames)
         zeros = None
-        for m in ("rgb", "event"):
+        for m in FRAME_KINDS:
             if m not in frames:
                 zeros = zeros if zeros is not None else np.zeros((len(ids), h, w, 3), dtype=np.uint8)
                 frames[m] = zeros

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from fredfusion.data.dataset import PreparedDataset, _modalities_of
+from fredfusion.data.dataset import PreparedDataset
+from fredfusion.spec import frames_for
 
 _DEVICE_KEYS = ("rgb", "event", "targets")
 
@@ -101,7 +102,7 @@ class _BatchSource(Dataset):
 
     def __init__(self, loader: BatchLoader) -> None:
         self.dataset = loader.dataset
-        self.modalities = _modalities_of(loader.dataset.modality)
+        self.modalities = frames_for(loader.dataset.modality)
         self.batch_size = loader.batch_size
         self.pin = loader.device.type == "cuda"
         self.params = dict(

@@ -30,9 +30,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fredfusion.spec import FRAME_KINDS
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-MODALITIES: tuple[str, ...] = ("rgb", "event")
 _CHUNK_FRAMES = 32
 _SHARD_FILE = re.compile(r"^seq_(-?\d+)\.(json|rgb\.u8|event\.u8)(\..*)?$")
 _JPEG_MAGIC = b"\xff\xd8"
@@ -186,7 +187,7 @@ def _shard_is_valid(store_dir: Path, seq: int, n: int, frame_bytes: int, fingerp
         return None
     if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint or meta.get("n") != n:
         return None
-    for m in MODALITIES:
+    for m in FRAME_KINDS:
         try:
             if os.path.getsize(store_dir / names[m]) != n * frame_bytes:
                 return None
@@ -200,11 +201,11 @@ def _decode_into(task: tuple[Any, ...]) -> tuple[int, int, list[tuple[int, str, 
     seq, tmp_paths, n_rows, width, height, rows = task
     maps = {
         m: np.memmap(tmp_paths[m], dtype=np.uint8, mode="r+", shape=(n_rows, height, width, 3))
-        for m in MODALITIES
+        for m in FRAME_KINDS
     }
     bad: list[tuple[int, str, str]] = []
     for row, image_id, paths, orig_size in rows:
-        for m in MODALITIES:
+        for m in FRAME_KINDS:
             p = paths[m]
             if p is None:
                 continue
@@ -278,7 +279,7 @@ def _iter_tasks(jobs: list[_ShardJob], width: int, height: int) -> Iterator[tupl
 
 def _finish_shard(store_dir: Path, job: _ShardJob, width: int, height: int) -> None:
     names = _shard_names(job.seq)
-    for m in MODALITIES:
+    for m in FRAME_KINDS:
         fd = os.open(job.tmp_paths[m], os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -332,7 +333,7 @@ def build_store(
             reused += 1
             bad_frames.extend((int(b[0]), str(b[1]), str(b[2])) for b in meta.get("bad", []))
             continue
-        tmp = {m: str(store_dir / f"{_shard_names(seq)[m]}.tmp{os.getpid()}") for m in MODALITIES}
+        tmp = {m: str(store_dir / f"{_shard_names(seq)[m]}.tmp{os.getpid()}") for m in FRAME_KINDS}
         jobs.append(_ShardJob(seq, recs, fp, tmp, remaining=len(recs)))
 
     manifest = {
@@ -354,7 +355,7 @@ def build_store(
             (store_dir / _shard_names(job.seq)["json"]).unlink(missing_ok=True)
         _remove_stale_files(store_dir, set(groups))
         for job in jobs:
-            for m in MODALITIES:
+            for m in FRAME_KINDS:
                 with open(job.tmp_paths[m], "wb") as f:
                     f.truncate(len(job.records) * frame_bytes)
 
@@ -500,7 +501,7 @@ class FrameStore:
                 raise ValueError(f"shard {json_path} does not match {manifest_path}; {hint}")
             # Data files are checked (size against the manifest) when first used, once per process:
             # a file damaged after prepare makes its images unreadable, not the whole store.
-            files = {m: self.store_dir / names[m] for m in MODALITIES}
+            files = {m: self.store_dir / names[m] for m in FRAME_KINDS}
             self._files.append(files)
             self._counts.append(n)
             ids.append(np.asarray(meta["ids"], dtype=np.int64))
@@ -632,7 +633,7 @@ class FrameStore:
         return mm
 
     def damaged(
-        self, ids: Sequence[int] | np.ndarray, modalities: tuple[str, ...] = MODALITIES
+        self, ids: Sequence[int] | np.ndarray, modalities: tuple[str, ...] = FRAME_KINDS
     ) -> list[tuple[int, str, str]]:
         """(image id, file, reason) for each of ``ids`` whose shard data file is missing, unreadable or
         of the wrong size; one open + fstat per file, nothing is mapped or read."""
@@ -671,7 +672,7 @@ class FrameStore:
     def read(
         self,
         ids: Sequence[int] | np.ndarray,
-        modalities: tuple[str, ...] = MODALITIES,
+        modalities: tuple[str, ...] = FRAME_KINDS,
         out: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Gather frames: {modality: (B, H, W, 3) uint8}, rows in the order of ``ids``.
@@ -694,7 +695,7 @@ class FrameStore:
     def read_valid(
         self,
         ids: Sequence[int] | np.ndarray,
-        modalities: tuple[str, ...] = MODALITIES,
+        modalities: tuple[str, ...] = FRAME_KINDS,
         out: dict[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, str, str]]]:
         """Like ``read``, but images whose shard file cannot be read come back as zeros instead of
@@ -714,8 +715,8 @@ class FrameStore:
         out: dict[str, np.ndarray] | None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         for m in modalities:
-            if m not in MODALITIES:
-                raise ValueError(f"unknown modality {m!r}; expected one of {MODALITIES}")
+            if m not in FRAME_KINDS:
+                raise ValueError(f"unknown modality {m!r}; expected one of {FRAME_KINDS}")
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         shape = (len(ids), self.height, self.width, 3)
         result: dict[str, np.ndarray] = {}

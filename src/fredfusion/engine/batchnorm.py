@@ -14,6 +14,7 @@ from torch import nn
 
 from fredfusion.data.augment import letterbox_batch
 from fredfusion.data.dataset import PreparedDataset
+from fredfusion.spec import model_inputs
 
 
 @torch.no_grad()
@@ -54,9 +55,9 @@ def recalibrate_batchnorm(
             rgb = torch.from_numpy(batch.rgb).to(device).permute(0, 3, 1, 2)
             event = torch.from_numpy(batch.event).to(device).permute(0, 3, 1, 2)
             rgb_f, event_f, _, _, _ = letterbox_batch(rgb, event, input_hw)
-            modality = getattr(model, "modality", "dual")
+            inputs = model_inputs(getattr(model, "modality", "dual"), rgb_f, event_f)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                model(rgb_f if modality != "event" else None, event_f if modality != "rgb" else None)
+                model(*inputs)
     finally:
         for bn, momentum in zip(bns, saved):
             bn.momentum = momentum

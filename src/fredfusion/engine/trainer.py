@@ -23,7 +23,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +37,7 @@ from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import BatchLoader, DeviceBatch
 from fredfusion.data.store import BadFrameError
 from fredfusion.engine.batchnorm import recalibrate_batchnorm
-from fredfusion.engine.checkpoint import (
-    CheckpointError,
-    copy_checkpoint,
-    load_checkpoint,
-    model_meta,
-    save_checkpoint,
-    state_dict_of,
-)
+from fredfusion.engine.checkpoint import copy_checkpoint, save_checkpoint
 from fredfusion.engine.ema import ModelEMA, unwrap
 from fredfusion.engine.optim import (
     AUTO_MAX_STEPS,
@@ -56,8 +48,10 @@ from fredfusion.engine.optim import (
     set_lr,
 )
 from fredfusion.engine.run_log import RunLog
+from fredfusion.engine.runtime import Distributed, amp_dtype_for, pick_device
 from fredfusion.model import build_model, model_info
 from fredfusion.model.loss import LossConfig, YoloLoss
+from fredfusion.model.weights import CheckpointError, load_checkpoint, model_meta, state_dict_of
 
 DEFAULT_RGB_WEIGHTS = Path("logs/fred_rgb/fred_rgb_best.pth")
 OOM_RETRY_STEPS = 10  # out of memory within this many steps of a phase start halves the batch
@@ -149,45 +143,6 @@ class StepGuard:
         self.counts[2:3].zero_()
 
 
-@dataclass
-class Distributed:
-    """torchrun environment: rank, world size, local rank."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> Distributed:
-        return cls(
-            int(os.environ.get("RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)),
-        )
-
-
-def pick_device(requested: str, dist: Distributed) -> torch.device:
-    """cuda:<local_rank> when available (or asked), else cpu."""
-    if requested:
-        device = torch.device(requested)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", dist.local_rank)
-    return device
-
-
-def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16; None (full precision) on CPU or when disabled."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
     """The augmentation settings of a training run with ``cfg``."""
     return AugmentConfig(
@@ -211,7 +166,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = Distributed.from_env()
         self._log = log
-        self.device = pick_device(cfg.device, self.dist)
+        self.device = pick_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = amp_dtype_for(self.device, cfg.fp16)
         self.run_dir = cfg.run_dir()
         self.input_hw = (int(cfg.input_shape[0]), int(cfg.input_shape[1]))

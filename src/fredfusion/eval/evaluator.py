@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fredfusion.config import NMS_IOU
 from fredfusion.eval.coco_metrics import CocoResult, coco_map
+from fredfusion.spec import DEFAULT_INPUT_HW, NMS_IOU, model_inputs
 
 __all__ = ["EvalResult", "evaluate", "predict_frames", "restrict_gt"]
 
@@ -54,28 +54,6 @@ def restrict_gt(coco: dict, image_ids: set[int] | list[int] | np.ndarray) -> dic
     return out
 
 
-def _model_inputs(modality: str, rgb: torch.Tensor | None, event: torch.Tensor | None) -> tuple[Any, Any]:
-    """Which frames a model of this modality takes; a dual model needs both of the same pair."""
-    if modality == "rgb":
-        if rgb is None:
-            raise ValueError("an RGB model needs RGB frames: load the dataset with modality 'rgb' or 'dual'")
-        return rgb, None
-    if modality == "event":
-        if event is None:
-            raise ValueError(
-                "an Event model needs event frames: load the dataset with modality 'event' or 'dual'"
-            )
-        return None, event
-    if modality == "dual":
-        if rgb is None or event is None:
-            raise ValueError(
-                "a dual model needs RGB and event frames of the same pair: "
-                "load the dataset with modality 'dual'"
-            )
-        return rgb, event
-    raise ValueError(f"model.modality must be 'rgb', 'event' or 'dual', got {modality!r}")
-
-
 def _num(x: Any) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
@@ -91,7 +69,7 @@ def evaluate(
     dataset: Any,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
-    input_hw: tuple[int, int] = (384, 640),
+    input_hw: tuple[int, int] = DEFAULT_INPUT_HW,
     conf: float = 0.001,
     iou: float = NMS_IOU,
     max_det: int = 300,
@@ -158,7 +136,7 @@ def evaluate(
                 targets = batch.targets
                 if targets is not None and keep < len(batch.ids):
                     targets = targets[targets[:, 0] < keep]
-                rgb, event = _model_inputs(modality, rgb, event)
+                rgb, event = model_inputs(modality, rgb, event)
 
                 _sync(device)
                 t0 = time.perf_counter()
@@ -236,7 +214,7 @@ def predict_frames(
         t = torch.as_tensor(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
         return t.to(device).permute(0, 3, 1, 2).contiguous()
 
-    r, e = _model_inputs(str(getattr(model, "modality", "dual")), to_dev(rgb), to_dev(event))
+    r, e = model_inputs(str(getattr(model, "modality", "dual")), to_dev(rgb), to_dev(event))
     ref = r if r is not None else e
     h, w = int(ref.shape[2]), int(ref.shape[3])
     was_training = model.training

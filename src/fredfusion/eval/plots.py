@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fredfusion.config import NMS_IOU
+from fredfusion.spec import NMS_IOU
 
 __all__ = [
     "COLOR_FP",

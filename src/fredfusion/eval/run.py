@@ -8,19 +8,12 @@ from pathlib import Path
 
 import torch
 
-from fredfusion.config import NMS_IOU
 from fredfusion.data.dataset import PreparedDataset
-from fredfusion.engine.checkpoint import load_model
-from fredfusion.engine.trainer import Distributed, amp_dtype_for, pick_device
+from fredfusion.engine.runtime import amp_dtype_for, pick_device
 from fredfusion.eval.evaluator import EvalResult, evaluate
 from fredfusion.eval.report import breakdowns, compare_table, format_table, write_report
-
-
-def _input_hw(payload: dict, given: tuple[int, int] | None) -> tuple[int, int]:
-    if given:
-        return (int(given[0]), int(given[1]))
-    shape = (payload.get("config") or {}).get("input_shape") or [384, 640]
-    return (int(shape[0]), int(shape[1]))
+from fredfusion.model.weights import input_hw_of, load_model
+from fredfusion.spec import NMS_IOU
 
 
 def _pct(value: float | None) -> str:
@@ -42,12 +35,12 @@ def evaluate_checkpoints(
     log=print,
 ) -> dict[str, EvalResult]:
     """Evaluate each checkpoint on the true RGB+Event pairs of `split`; write one report folder each."""
-    dev = pick_device(device, Distributed())
+    dev = pick_device(device)
     results: dict[str, EvalResult] = {}
     names = _unique_names([Path(w) for w in weights])
     for name, path in zip(names, weights):
         model, payload = load_model(Path(path), dev)
-        hw = _input_hw(payload, input_hw)
+        hw = input_hw_of(payload, input_hw, str(path))
         dataset = PreparedDataset(Path(data), split, modality=model.modality, pairs="dual")
         log(
             f"eval {path}: {model.modality} YOLO-{model.size} on {len(dataset)} {split} pairs "

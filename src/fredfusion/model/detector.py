@@ -24,16 +24,8 @@ from torch import nn
 from fredfusion.model.backbone import BASE_REPEATS, CSPDarknet
 from fredfusion.model.blocks import C3, Conv, scale_depth
 from fredfusion.model.fusion import make_fusion
+from fredfusion.spec import DEFAULT_INPUT_HW, FUSIONS, INPUT_MULTIPLE, MODALITIES, SIZES, frames_for
 
-MODALITIES = ("rgb", "event", "dual")
-SIZES: dict[str, tuple[float, float]] = {
-    "n": (0.33, 0.25),
-    "s": (0.33, 0.50),
-    "m": (0.67, 0.75),
-    "l": (1.0, 1.0),
-    "x": (1.33, 1.25),
-}
-FUSIONS = ("concat", "attention", "early")
 NUM_ANCHORS = 3
 BACKBONE_PREFIXES = ("backbone.", "backbone_rgb.", "backbone_event.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -134,6 +126,7 @@ class FusionYOLO(nn.Module):
         self.modality = modality
         self.size = size
         self.fusion = fusion
+        self.inputs = frames_for(modality)
         self.num_classes = num_classes
         self.depth, self.width = SIZES[size]
         self.register_buffer("anchors", _check_anchors(anchors).clone())
@@ -164,21 +157,21 @@ class FusionYOLO(nn.Module):
             raise ValueError(f"{name} input must have shape (B, 3, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{name} input must be a float tensor in [0, 1], got {x.dtype}")
-        if x.shape[2] % 32 != 0 or x.shape[3] % 32 != 0:
+        if x.shape[2] % INPUT_MULTIPLE != 0 or x.shape[3] % INPUT_MULTIPLE != 0:
             raise ValueError(
-                f"{name} input height and width must be multiples of 32, got {tuple(x.shape[2:])}"
+                f"{name} input height and width must be multiples of {INPUT_MULTIPLE}, "
+                f"got {tuple(x.shape[2:])}"
             )
         return x
 
     def forward(self, rgb: torch.Tensor | None, event: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Raw (not decoded) maps ``(B, 3, H/s, W/s, 5 + nc)`` for strides 8, 16, 32."""
-        if self.modality == "rgb":
-            feats = self.backbone(self._check_input(rgb, "rgb"))
-        elif self.modality == "event":
-            feats = self.backbone(self._check_input(event, "event"))
+        given = {"rgb": rgb, "event": event}
+        x = [self._check_input(given[kind], kind) for kind in self.inputs]
+        if len(x) == 1:
+            feats = self.backbone(x[0])
         else:
-            r = self._check_input(rgb, "rgb")
-            e = self._check_input(event, "event")
+            r, e = x
             if not torch.jit.is_tracing() and r.shape != e.shape:
                 raise ValueError(
                     f"rgb and event inputs differ in shape: {tuple(r.shape)} vs {tuple(e.shape)}"
@@ -284,7 +277,7 @@ def build_model(
     return FusionYOLO(modality, size, fusion, num_classes, anchors=anchors)
 
 
-def model_info(model: FusionYOLO, input_hw: tuple[int, int] = (384, 640)) -> dict:
+def model_info(model: FusionYOLO, input_hw: tuple[int, int] = DEFAULT_INPUT_HW) -> dict:
     """``{"params": int, "gflops": float}``: parameter count and GFLOPs of one 1-image forward pass.
 
     FLOPs are 2x the multiply-adds of all Conv2d layers, counted from their output shapes with
@@ -317,9 +310,6 @@ def model_info(model: FusionYOLO, input_hw: tuple[int, int] = (384, 640)) -> dic
 
 
 __all__ = [
-    "FUSIONS",
-    "MODALITIES",
-    "SIZES",
     "DetectHead",
     "FusionYOLO",
     "PANNeck",

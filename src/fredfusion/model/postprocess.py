@@ -8,7 +8,7 @@ from functools import lru_cache
 import torch
 from torchvision.ops import batched_nms
 
-from fredfusion.config import NMS_IOU
+from fredfusion.spec import NMS_IOU
 
 
 @lru_cache(maxsize=32)

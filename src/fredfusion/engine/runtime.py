@@ -1,0 +1,64 @@
+"""Where and how a job runs: the process group (torchrun), the device, the precision."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Distributed:
+    """torchrun environment: rank, world size, local rank."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        return cls(
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
+
+
+def pick_device(requested: str = "", local_rank: int = 0) -> torch.device:
+    """The device a job runs on: ``requested`` (cpu, cuda, cuda:1) or cuda when available, else cpu.
+
+    A bare ``cuda`` means ``cuda:<local_rank>`` (one GPU per torchrun process). A device name torch
+    does not know, or CUDA asked for on a machine without it, is a ValueError naming ``--device``.
+    """
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError as exc:
+            raise ValueError(f"--device {requested!r}: {exc}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {requested!r}: CUDA is not available on this machine")
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """bf16 where the GPU supports it, else fp16; None (full precision) on CPU or when disabled."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision in ``amp_dtype`` on ``device``, or nothing when it is None."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
