@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fredfusion.cli import build_parser, config_from_args
+from fredfusion.cli import build_parser
+from fredfusion.commands.train import config_from_args
 from fredfusion.config import ConfigError, TrainConfig, apply_overrides, load_config, save_config
 
 

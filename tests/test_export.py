@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import fredfusion.export as export_mod
+from fredfusion.commands.export import add_parser
 from fredfusion.engine.checkpoint import save_checkpoint
-from fredfusion.export import ExportError, add_parser, export_onnx, input_names_for, verify_onnx
+from fredfusion.export import ExportError, export_onnx, input_names_for, verify_onnx
 from fredfusion.model import build_model
 from fredfusion.model.weights import load_model, model_meta
 

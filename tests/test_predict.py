@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fredfusion.predict import CSV_COLUMNS, add_parser, annotate, fit_size, open_source, predict
+from fredfusion.commands.predict import add_parser
+from fredfusion.predict import CSV_COLUMNS, annotate, fit_size, open_source, predict
 
 W, H = 320, 180  # synthetic frame size
 INPUT_HW = (64, 128)

@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
+from fredfusion.commands.show import add_parser
 from fredfusion.show import (
     GRID_GAP,
     HEADER_H,
     PAIR_SEP,
-    add_parser,
     dataset_report,
     default_input_hw,
     format_report_table,

@@ -8,7 +8,6 @@ gives them. Non-maximum suppression stays outside the graph.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import warnings
 from collections.abc import Callable
@@ -26,10 +25,8 @@ __all__ = [
     "PARITY_TOL",
     "DecodedDetector",
     "ExportError",
-    "add_parser",
     "export_onnx",
     "input_names_for",
-    "run",
     "verify_onnx",
 ]
 
@@ -217,34 +214,3 @@ def export_onnx(
                 f"the exported graph is not faithful, do not use it"
             )
     return result
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``fredfusion export``."""
-    p = sub.add_parser("export", help="export a checkpoint to ONNX (decoded outputs) and check it")
-    p.add_argument("--weights", type=Path, required=True, help="checkpoint (best.pth)")
-    p.add_argument("--format", choices=("onnx",), default="onnx")
-    p.add_argument("--dynamic", action="store_true", help="dynamic batch dimension")
-    p.add_argument("--out", type=Path, default=None, help="output file (default: weights with .onnx)")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument(
-        "--input-shape",
-        type=int,
-        nargs=2,
-        default=None,
-        metavar=("H", "W"),
-        help="input size (default: the checkpoint's training input_shape)",
-    )
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``fredfusion export`` from parsed arguments."""
-    export_onnx(
-        args.weights,
-        args.out,
-        opset=args.opset,
-        dynamic=args.dynamic,
-        input_hw=tuple(args.input_shape) if args.input_shape else None,
-    )
-    return 0

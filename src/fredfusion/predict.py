@@ -10,7 +10,6 @@ frame).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -36,12 +35,10 @@ __all__ = [
     "FrameItem",
     "PredictResult",
     "PredictSource",
-    "add_parser",
     "annotate",
     "fit_size",
     "open_source",
     "predict",
-    "run_predict",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -736,69 +733,3 @@ def predict(
         input_hw=input_hw,
         device=str(dev),
     )
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register the ``predict`` subcommand."""
-    p = sub.add_parser(
-        "predict",
-        help="detect drones in an image, a frame folder, a FRED sequence folder or a video",
-    )
-    p.add_argument("--weights", type=Path, required=True, help="checkpoint (best.pth)")
-    p.add_argument(
-        "--source",
-        type=Path,
-        required=True,
-        help="image, folder of frames, FRED sequence folder (RGB/, Event/Frames/) "
-        "or video (.mp4 .avi .mov .mkv)",
-    )
-    p.add_argument(
-        "--event", type=Path, default=None, help="dual models: the event frame (or folder) matching --source"
-    )
-    p.add_argument("--conf", type=float, default=0.25, help="score threshold")
-    p.add_argument("--iou", type=float, default=NMS_IOU, help=f"NMS IoU threshold (default {NMS_IOU})")
-    p.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: runs/predict/<source name>)"
-    )
-    p.add_argument("--device", default="", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument(
-        "--input-shape",
-        type=int,
-        nargs=2,
-        default=None,
-        metavar=("H", "W"),
-        help="default: the training shape",
-    )
-    p.add_argument(
-        "--save-frames",
-        type=int,
-        default=None,
-        metavar="N",
-        help="annotated JPEGs to write, spread over the source (default: all up to 300 frames, else none)",
-    )
-    p.add_argument(
-        "--tolerance-ms", type=float, default=33.0, help="FRED sequences: max |dt| of an RGB/Event pair"
-    )
-    p.add_argument("--max-det", type=int, default=300, help="boxes per frame at most")
-    p.set_defaults(func=run_predict)
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    """The ``predict`` subcommand; returns the exit code."""
-    predict(
-        args.weights,
-        args.source,
-        event=args.event,
-        out=args.out,
-        conf=args.conf,
-        iou=args.iou,
-        device=args.device,
-        batch=args.batch,
-        input_hw=tuple(args.input_shape) if args.input_shape else None,
-        save_frames=args.save_frames,
-        tolerance_ms=args.tolerance_ms,
-        max_det=args.max_det,
-    )
-    return 0

@@ -6,7 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from fredfusion.cli import add_train_flags, config_from_args, default_fred_root
+from fredfusion.commands.flags import default_fred_root
+from fredfusion.commands.train import add_train_flags, config_from_args
 
 PREPARED = Path("datasets/fred_coco")
 

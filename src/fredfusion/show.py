@@ -8,7 +8,6 @@ boxes) and gives per-sequence numbers as a printed table and as ``report.png``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -21,14 +20,12 @@ import numpy as np
 from fredfusion.spec import DEFAULT_INPUT_HW
 
 __all__ = [
-    "add_parser",
     "dataset_report",
     "default_input_hw",
     "format_report_table",
     "pair_grid",
     "plot_report",
     "render_pairs",
-    "run",
     "show",
 ]
 
@@ -454,39 +451,3 @@ def show(
     what = "augmented (mosaic/mixup on) " if augment else ""
     log(f"wrote {pairs_png} ({what}{grid.shape[1]}x{grid.shape[0]}) and {report_png}")
     return {"pairs_png": pairs_png, "report_png": report_png, "table": table, "report": report}
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``fredfusion show``."""
-    p = sub.add_parser("show", help="grid of RGB | Event pairs with boxes and a dataset report of a split")
-    p.add_argument("--data", type=Path, default=Path("datasets/fred_coco"), help="prepared folder")
-    p.add_argument("--split", default="train")
-    p.add_argument("--n", type=int, default=16, help="pairs in the grid")
-    p.add_argument("--augment", action="store_true", help="show frames after training augmentation")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/show/<split>)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--input-shape",
-        type=int,
-        nargs=2,
-        default=None,
-        metavar=("H", "W"),
-        help="augmentation output size (default: 384 640, scaled down to a smaller store)",
-    )
-    p.add_argument("--cols", type=int, default=None, help="pairs per grid row (default: about sqrt(n/2))")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``fredfusion show`` from parsed arguments."""
-    show(
-        args.data,
-        split=args.split,
-        n=args.n,
-        augment=args.augment,
-        out=args.out,
-        seed=args.seed,
-        input_hw=tuple(args.input_shape) if args.input_shape else None,
-        cols=args.cols,
-    )
-    return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fredfusion.demo import run_demo
+from fredfusion.commands.demo import run_demo
 
 
 def test_short_training_reaches_map50(tmp_path: Path) -> None:

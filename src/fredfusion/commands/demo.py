@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
 import torch
 
+from fredfusion.commands import flags
 from fredfusion.config import load_config
+from fredfusion.spec import MODALITIES, SIZES
 
 
 def run_demo(
@@ -26,10 +29,10 @@ def run_demo(
     Returns ``{"train": the trainer's summary (best val score and its epoch), "test": the test-split
     metrics of best.pth}``.
     """
+    from fredfusion.commands.eval import evaluate_checkpoints
     from fredfusion.data.prepare import prepare
     from fredfusion.data.synth import write_sample
     from fredfusion.engine.trainer import Trainer
-    from fredfusion.eval.run import evaluate_checkpoints
 
     gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     epochs = epochs or (60 if gpu else 7)
@@ -77,3 +80,32 @@ def run_demo(
         f"mAP50:95 {metrics['mAP50_95']:.4f}"
     )
     return {"train": summary, "test": metrics}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fredfusion demo``."""
+    p = sub.add_parser(
+        "demo", help="the whole job on the built-in synthetic sample: synth, prepare, train, eval"
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder of everything (runs/demo)")
+    p.add_argument("--sequences", type=int, default=10, help="synthetic sequences (default: 10)")
+    p.add_argument("--frames", type=int, default=60, help="RGB frames per sequence (default: 60)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 7 on CPU, 60 on GPU")
+    p.add_argument("--modality", choices=MODALITIES, default="dual", help="default: dual")
+    p.add_argument("--model", choices=tuple(SIZES), default="n", help="model size (default: n)")
+    flags.add_device(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo with the parsed flags."""
+    run_demo(
+        out=args.out,
+        sequences=args.sequences,
+        frames=args.frames,
+        epochs=args.epochs,
+        modality=args.modality,
+        model=args.model,
+        device=args.device,
+    )
+    return 0

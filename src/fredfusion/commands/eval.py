@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from fredfusion.commands import flags
+from fredfusion.config import ConfigError
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.engine.runtime import amp_dtype_for, pick_device
 from fredfusion.eval.evaluator import EvalResult, evaluate
@@ -103,3 +106,39 @@ def _print_breakdowns(parts: dict, log) -> None:
     log(format_table(rows, ["pair status", "images", "boxes", "AP50"]))
     worst = ", ".join(f"{w['sequence_id']} ({_pct(w['AP50'])})" for w in parts["worst_sequences"])
     log(f"worst sequences by AP50: {worst or '-'}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fredfusion eval``."""
+    p = sub.add_parser("eval", help="COCO mAP of one or more checkpoints on a split, with breakdowns")
+    flags.add_weights(p, required=False, nargs="+")
+    p.add_argument("--compare", type=Path, nargs="+", default=None, help="several checkpoints side by side")
+    flags.add_data(p)
+    p.add_argument("--split", default="test", help="split to evaluate on (default: test)")
+    flags.add_batch(p, 32)
+    flags.add_thresholds(p, conf=0.001)
+    flags.add_input_shape(p)
+    flags.add_device(p)
+    flags.add_workers(p, 0, "loader worker processes")
+    flags.add_out(p, None, "report folder (default: runs/eval/<checkpoint name>)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate ``--weights`` / ``--compare`` and write their reports."""
+    weights = list(args.weights or []) + list(args.compare or [])
+    if not weights:
+        raise ConfigError("eval: give --weights W (or --compare W1 W2 ...)")
+    evaluate_checkpoints(
+        weights,
+        data=args.data,
+        split=args.split,
+        batch=args.batch,
+        conf=args.conf,
+        iou=args.iou,
+        input_hw=flags.input_hw(args),
+        device=args.device,
+        workers=args.workers,
+        out=args.out,
+    )
+    return 0
