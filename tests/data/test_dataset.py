@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from fredfusion.data.dataset import PreparedDataset
-from fredfusion.data.store import BadFrameError, FrameRecord, build_store
+from fredfusion.data.frames import BadFrameError
+from fredfusion.data.store import FrameRecord, build_store
 
 SRC_W, SRC_H = 128, 72
 W, H = 64, 36

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from fredfusion.data import store as store_mod
-from fredfusion.data.store import BadFrameError, FrameRecord, FrameStore, build_store, read_frame
+from fredfusion.data.frames import BadFrameError, read_frame
+from fredfusion.data.store import FrameRecord, FrameStore, build_store
 
 SRC_W, SRC_H = 128, 72
 W, H = 64, 36

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fredfusion.data.store import BadFrameError, read_frame
+from fredfusion.data.frames import BadFrameError, read_frame
 
 W, H = 64, 36
 _IMG = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from fredfusion.data.frames import BadFrameError, read_frame
 from fredfusion.data.paths import resolve_under
-from fredfusion.data.store import MANIFEST_NAME, BadFrameError, FrameStore, read_frame
+from fredfusion.data.store import MANIFEST_NAME, FrameStore
 from fredfusion.spec import FRAME_KINDS, check_modality, frames_for
 
 PAIRS_CHOICES = ("required", "dual", "any")

@@ -30,26 +30,13 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fredfusion.data.frames import BadFrameError, read_frame
 from fredfusion.spec import FRAME_KINDS
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _CHUNK_FRAMES = 32
 _SHARD_FILE = re.compile(r"^seq_(-?\d+)\.(json|rgb\.u8|event\.u8)(\..*)?$")
-_JPEG_MAGIC = b"\xff\xd8"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class BadFrameError(Exception):
-    """A source frame that cannot be used; carries the file path and the reason."""
-
-    def __init__(self, path: Path | str, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (BadFrameError, (self.path, self.reason))
 
 
 @dataclass(frozen=True)
@@ -73,62 +60,6 @@ class StoreReport:
     bad_frames: list[tuple[int, str, str]] = field(default_factory=list)
     seconds: float = 0.0
     frames_per_s: float = 0.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Decoding one frame
-# ----------------------------------------------------------------------------------------------
-
-
-def _truncation_reason(data: bytes) -> str | None:
-    """Return a reason when a JPEG/PNG byte string is visibly cut short, else None."""
-    if data.startswith(_JPEG_MAGIC):
-        tail = data[-4096:].rstrip(b"\x00\r\n ")
-        if not tail.endswith(b"\xff\xd9"):
-            return "truncated JPEG (no end-of-image marker)"
-    elif data.startswith(_PNG_MAGIC) and b"IEND" not in data[-64:]:
-        return "truncated PNG (no IEND chunk)"
-    return None
-
-
-def read_frame(path: Path, width: int, height: int, orig_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode one frame and resize it to (height, width, 3) uint8, RGB order (cv2 INTER_AREA).
-
-    ``orig_size`` is the expected (width, height) of the source; a different size is an error.
-    Raises BadFrameError(path, reason) for missing, zero-byte, truncated, undecodable,
-    wrong-size, wrong-channel-count or unreadable files.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise BadFrameError(path, "missing file") from None
-    except OSError as e:
-        raise BadFrameError(path, f"unreadable ({e.strerror or type(e).__name__})") from None
-    if not data:
-        raise BadFrameError(path, "zero-byte file")
-    reason = _truncation_reason(data)
-    if reason:
-        raise BadFrameError(path, reason)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise BadFrameError(path, "not an image (cannot decode)")
-    if img.dtype != np.uint8:
-        raise BadFrameError(path, f"unsupported pixel type {img.dtype} (expected 8-bit)")
-    channels = 1 if img.ndim == 2 else img.shape[2]
-    if channels == 1:  # grayscale event frames in some copies: replicate to 3 channels
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    elif channels == 4:  # PNG with alpha: the alpha plane is dropped
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
-    elif channels != 3:
-        raise BadFrameError(path, f"wrong channel count {channels} (expected 1, 3 or 4)")
-    h, w = img.shape[:2]
-    if orig_size is not None and (w, h) != (int(orig_size[0]), int(orig_size[1])):
-        raise BadFrameError(path, f"wrong size {w}x{h} (expected {orig_size[0]}x{orig_size[1]})")
-    if (w, h) != (width, height):
-        img = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ from tqdm import tqdm
 from fredfusion.config import ConfigError, TrainConfig, save_config
 from fredfusion.data.augment import AugmentConfig, augment_batch
 from fredfusion.data.dataset import PreparedDataset
+from fredfusion.data.frames import BadFrameError
 from fredfusion.data.loader import BatchLoader, DeviceBatch
-from fredfusion.data.store import BadFrameError
 from fredfusion.engine.batchnorm import recalibrate_batchnorm
 from fredfusion.engine.checkpoint import copy_checkpoint, save_checkpoint
 from fredfusion.engine.ema import ModelEMA, unwrap
