@@ -14,12 +14,26 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
+from fredfusion.draw import (
+    GRID_GAP,
+    HEADER_H,
+    PAIR_SEP,
+    add_caption,
+    draw_boxes,
+    rgb_copy,
+    save_png,
+    side_by_side,
+)
+from fredfusion.draw import tile_grid as pair_grid
 from fredfusion.spec import DEFAULT_INPUT_HW
 
 __all__ = [
+    "BOX_COLOR",
+    "GRID_GAP",
+    "HEADER_H",
+    "PAIR_SEP",
     "dataset_report",
     "default_input_hw",
     "format_report_table",
@@ -29,13 +43,8 @@ __all__ = [
     "show",
 ]
 
-HEADER_H = 22
-"""Height of the caption bar above each pair tile."""
-PAIR_SEP = 4
-"""White columns between the RGB and the Event frame of a pair."""
-GRID_GAP = 6
-"""White pixels between tiles of the grid."""
 BOX_COLOR = (0, 200, 0)
+"""Colour of the boxes on both frames of a pair (RGB)."""
 
 
 # ------------------------------------------------------------------------------------------- sizes
@@ -69,50 +78,11 @@ def _check_hw(hw: Sequence[int], what: str) -> tuple[int, int]:
 
 
 # -------------------------------------------------------------------------------------------- grid
-def _caption(width: int, text: str) -> np.ndarray:
-    bar = np.full((HEADER_H, width, 3), 30, dtype=np.uint8)
-    cv2.putText(bar, text, (5, HEADER_H - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
-    return bar
-
-
-def _draw(frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    img = np.ascontiguousarray(frame, dtype=np.uint8).copy()
-    thickness = 1 if img.shape[1] < 400 else 2
-    for x1, y1, x2, y2 in np.round(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)).astype(np.int64):
-        cv2.rectangle(img, (int(x1), int(y1)), (int(x2), int(y2)), BOX_COLOR, thickness)
-    return img
-
-
 def _pair_tile(rgb: np.ndarray, event: np.ndarray, boxes: np.ndarray, caption: str) -> np.ndarray:
     """Caption bar over RGB | Event, both with the same boxes."""
-    left, right = _draw(rgb, boxes), _draw(event, boxes)
-    sep = np.full((left.shape[0], PAIR_SEP, 3), 255, dtype=np.uint8)
-    body = np.concatenate([left, sep, right], axis=1)
-    return np.concatenate([_caption(body.shape[1], caption), body], axis=0)
-
-
-def pair_grid(tiles: Sequence[np.ndarray], cols: int) -> np.ndarray:
-    """Lay equal-sized RGB uint8 tiles out row by row, ``cols`` per row, ``GRID_GAP`` white between.
-
-    Size: ``rows * th + (rows - 1) * GRID_GAP`` by ``cols * tw + (cols - 1) * GRID_GAP`` with
-    ``rows = ceil(len(tiles) / cols)``; cells without a tile stay black.
-    """
-    if not tiles:
-        raise ValueError("pair_grid needs at least one tile")
-    if cols < 1:
-        raise ValueError(f"cols must be >= 1, got {cols}")
-    th, tw = tiles[0].shape[:2]
-    if any(t.shape != tiles[0].shape for t in tiles):
-        raise ValueError("pair_grid tiles must all have the same shape")
-    cols = min(cols, len(tiles))
-    rows = math.ceil(len(tiles) / cols)
-    grid = np.full((rows * th + (rows - 1) * GRID_GAP, cols * tw + (cols - 1) * GRID_GAP, 3), 255, np.uint8)
-    for r in range(rows):
-        for c in range(cols):
-            y, x = r * (th + GRID_GAP), c * (tw + GRID_GAP)
-            k = r * cols + c
-            grid[y : y + th, x : x + tw] = tiles[k] if k < len(tiles) else 0
-    return grid
+    thickness = 1 if rgb.shape[1] < 400 else 2
+    panels = [draw_boxes(rgb_copy(f), boxes, BOX_COLOR, thickness, antialias=False) for f in (rgb, event)]
+    return add_caption(side_by_side(panels), caption)
 
 
 def _default_cols(n: int) -> int:
@@ -330,12 +300,11 @@ def _seq_axis(ax: Any, seqs: Sequence[int]) -> None:
 
 def plot_report(report: dict[str, Any], out_png: Path) -> Path:
     """Six panels: boxes per image, box size, pairs per sequence, dual rate, |dt|, clipped boxes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(15.0, 8.5), dpi=100)
-    FigureCanvasAgg(fig)
+    from fredfusion.eval.plots import new_figure, save_figure
+
+    fig = new_figure((15.0, 8.5))
     axes = [fig.add_subplot(2, 3, k + 1) for k in range(6)]
     seqs = [int(r["sequence"]) for r in report["sequences"]]
     x = np.arange(len(seqs))
@@ -411,10 +380,7 @@ def plot_report(report: dict[str, Any], out_png: Path) -> Path:
         f"{tot['boxes']} boxes, dual {100 * tot['dual_rate']:.1f}%"
     )
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, format="png")
-    return out_png
+    return save_figure(fig, Path(out_png))
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -433,8 +399,6 @@ def show(
 
     Returns ``{"pairs_png", "report_png", "table", "report"}``.
     """
-    from fredfusion.eval.plots import save_png
-
     ds = _open_dataset(Path(data), split)
     out = Path(out) if out is not None else Path("runs/show") / split
     grid = render_pairs(

@@ -1,7 +1,8 @@
 """Pictures: PR curve, error gallery tiles, training curves, prediction previews.
 
 Figures are drawn with matplotlib's Agg canvas created inside each function (no pyplot, no global
-backend switch); images are RGB ``uint8`` arrays drawn with OpenCV and written as PNG.
+backend switch); images are RGB ``uint8`` arrays drawn with :mod:`fredfusion.draw`; both are written
+with :func:`fredfusion.draw.save_png`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
+from fredfusion.draw import add_caption, draw_boxes, rgb_copy, save_png, side_by_side, tile_grid
 from fredfusion.spec import NMS_IOU
 
 __all__ = [
@@ -22,13 +23,12 @@ __all__ = [
     "COLOR_GT",
     "COLOR_MISS",
     "COLOR_PRED",
-    "draw_boxes",
     "draw_pair_preview",
     "error_tile",
+    "new_figure",
     "plot_curves",
     "plot_pr_curve",
-    "save_png",
-    "stack_tiles",
+    "save_figure",
 ]
 
 # RGB colours
@@ -38,21 +38,20 @@ COLOR_MISS = (255, 220, 0)
 COLOR_PRED = (230, 0, 0)
 
 
-def _figure(size: tuple[float, float]) -> tuple[Any, Any]:
-    """A matplotlib Figure bound to an Agg canvas (no pyplot state)."""
+def new_figure(size: tuple[float, float]) -> Any:
+    """A matplotlib Figure of ``size`` inches at 100 dpi bound to an Agg canvas (no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size, dpi=100)
-    canvas = FigureCanvasAgg(fig)
-    return fig, canvas
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _save_figure(fig: Any, out_png: Path) -> Path:
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, format="png")
-    return out_png
+def save_figure(fig: Any, out_png: Path) -> Path:
+    """Render ``fig`` and write it as PNG (:func:`fredfusion.draw.save_png`)."""
+    fig.canvas.draw()
+    return save_png(out_png, np.asarray(fig.canvas.buffer_rgba())[..., :3])
 
 
 def plot_pr_curve(
@@ -65,7 +64,7 @@ def plot_pr_curve(
 ) -> Path:
     """Draw a PR curve; ``best`` (conf, precision, recall, f1) is marked; ``coco_curve`` = (recall,
     interpolated precision) from COCO's precision array, drawn dashed."""
-    fig, _ = _figure((6.0, 5.0))
+    fig = new_figure((6.0, 5.0))
     ax = fig.add_subplot(1, 1, 1)
     r = np.asarray(recall, dtype=np.float64)
     p = np.asarray(precision, dtype=np.float64)
@@ -91,33 +90,7 @@ def plot_pr_curve(
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     fig.tight_layout()
-    return _save_figure(fig, out_png)
-
-
-def draw_boxes(
-    img: np.ndarray, boxes: np.ndarray, color: tuple[int, int, int], thickness: int = 2
-) -> np.ndarray:
-    """Draw ``(n, 4)`` x1y1x2y2 boxes (image pixels) on ``img`` in place; returns ``img``."""
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    for x1, y1, x2, y2 in np.round(b).astype(np.int64):
-        cv2.rectangle(img, (int(x1), int(y1)), (int(x2), int(y2)), color, thickness, lineType=cv2.LINE_AA)
-    return img
-
-
-def _panel(frame: np.ndarray, boxes: Sequence[tuple[np.ndarray, tuple[int, int, int]]]) -> np.ndarray:
-    img = np.ascontiguousarray(np.asarray(frame, dtype=np.uint8))
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    img = img.copy()
-    for b, color in boxes:
-        draw_boxes(img, b, color)
-    return img
-
-
-def _header(width: int, text: str, height: int = 22) -> np.ndarray:
-    bar = np.full((height, width, 3), 30, dtype=np.uint8)
-    cv2.putText(bar, text, (6, height - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
-    return bar
+    return save_figure(fig, out_png)
 
 
 def error_tile(
@@ -132,42 +105,21 @@ def error_tile(
 
     Frames are ``(H, W, 3)`` RGB uint8, boxes x1y1x2y2 in frame pixels; returns an RGB uint8 tile.
     """
-    boxes = [(gt_boxes, COLOR_GT), (miss_boxes, COLOR_MISS), (fp_boxes, COLOR_FP)]
-    left = _panel(rgb, boxes)
-    right = _panel(event, boxes)
-    if left.shape != right.shape:
-        raise ValueError(f"rgb and event frames differ in shape: {left.shape} vs {right.shape}")
-    sep = np.full((left.shape[0], 4, 3), 255, dtype=np.uint8)
-    body = np.concatenate([left, sep, right], axis=1)
+    layers = [(gt_boxes, COLOR_GT), (miss_boxes, COLOR_MISS), (fp_boxes, COLOR_FP)]
+    body = side_by_side([_boxed(rgb, layers), _boxed(event, layers)])
     text = title
     if body.shape[1] >= 700 or not title:  # the legend only where it fits
         legend = "green: gt  red: false positive  yellow: missed"
         text = f"{title}   {legend}" if title else legend
-    return np.concatenate([_header(body.shape[1], text), body], axis=0)
+    return add_caption(body, text)
 
 
-def stack_tiles(tiles: Sequence[np.ndarray], gap: int = 6) -> np.ndarray:
-    """Stack RGB tiles vertically (narrower ones padded right)."""
-    if not tiles:
-        raise ValueError("stack_tiles needs at least one tile")
-    width = max(t.shape[1] for t in tiles)
-    rows = []
-    for k, t in enumerate(tiles):
-        pad = np.zeros((t.shape[0], width - t.shape[1], 3), dtype=np.uint8)
-        rows.append(np.concatenate([t, pad], axis=1))
-        if k + 1 < len(tiles):
-            rows.append(np.full((gap, width, 3), 255, dtype=np.uint8))
-    return np.concatenate(rows, axis=0)
-
-
-def save_png(out_png: Path, image_rgb: np.ndarray) -> Path:
-    """Write an RGB uint8 image as PNG (raises OSError when it cannot be written)."""
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    img = np.ascontiguousarray(np.asarray(image_rgb, dtype=np.uint8)[..., ::-1])
-    if not cv2.imwrite(str(out_png), img):
-        raise OSError(f"could not write {out_png}")
-    return out_png
+def _boxed(frame: np.ndarray, layers: Sequence[tuple[np.ndarray, tuple[int, int, int]]]) -> np.ndarray:
+    """A copy of ``frame`` with each (boxes, colour) layer drawn in turn."""
+    img = rgb_copy(frame)
+    for boxes, color in layers:
+        draw_boxes(img, boxes, color)
+    return img
 
 
 def _read_results_csv(path: Path) -> dict[str, np.ndarray]:
@@ -217,7 +169,7 @@ def plot_curves(results_csv: Path, out_png: Path) -> Path:
         ("mAP", [("mAP50", "mAP50"), ("mAP50_95", "mAP50:95")]),
         ("learning rate", [("lr", "lr")]),
     ]
-    fig, _ = _figure((12.0, 3.6))
+    fig = new_figure((12.0, 3.6))
     for k, (name, series) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         for col, label in series:
@@ -232,7 +184,7 @@ def plot_curves(results_csv: Path, out_png: Path) -> Path:
         if ax.lines:
             ax.legend(loc="best")
     fig.tight_layout()
-    return _save_figure(fig, Path(out_png))
+    return save_figure(fig, Path(out_png))
 
 
 def draw_pair_preview(
@@ -254,8 +206,7 @@ def draw_pair_preview(
     preds = predict_frames(model, fb.rgb, fb.event, input_hw, device=device, conf=conf, iou=iou)
     tiles = []
     for k, image_id in enumerate(ids):
-        boxes = [(fb.boxes[k], COLOR_GT), (preds[k][:, :4], COLOR_PRED)]
-        body = np.concatenate([_panel(fb.rgb[k], boxes), _panel(fb.event[k], boxes)], axis=1)
-        head = _header(body.shape[1], f"image {image_id}: green gt, red predicted")
-        tiles.append(np.concatenate([head, body]))
-    return stack_tiles(tiles)
+        layers = [(fb.boxes[k], COLOR_GT), (preds[k][:, :4], COLOR_PRED)]
+        body = side_by_side([_boxed(fb.rgb[k], layers), _boxed(fb.event[k], layers)], sep=0)
+        tiles.append(add_caption(body, f"image {image_id}: green gt, red predicted"))
+    return tile_grid(tiles, cols=1)

@@ -21,11 +21,13 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fredfusion.draw import save_png, tile_grid
 from fredfusion.eval.coco_metrics import (
     COCO_AREA_RANGES,
     FRED_SIDE_RANGES,
@@ -36,7 +38,7 @@ from fredfusion.eval.coco_metrics import (
     pr_curve,
 )
 from fredfusion.eval.evaluator import EvalResult
-from fredfusion.eval.plots import error_tile, plot_pr_curve, save_png, stack_tiles
+from fredfusion.eval.plots import error_tile, plot_pr_curve
 
 __all__ = ["breakdowns", "compare_table", "format_table", "write_report"]
 
@@ -58,19 +60,33 @@ def _sort_keys(keys: Sequence[str]) -> list[str]:
     return sorted(keys, key=key)
 
 
-def breakdowns(gt: Mapping, detections: Sequence[Mapping], images: Sequence[Mapping] | None = None) -> dict:
-    """AP50 per sequence, drone model, box size and pair status; the 10 worst sequences.
+@dataclass
+class _Selection:
+    """The evaluated images and their annotations, with the counts every group reports."""
 
-    ``images`` are the COCO image dicts evaluated (``sequence_id``, ``pair_status``); default: all
-    of ``gt["images"]``. Returns a JSON-ready dict (see the module notes for the choices made).
-    """
+    ev: CocoEvaluator
+    img_ids: list[int]
+    anns: list[dict]  # the evaluator's copies, same order as gt["annotations"]
+    models: list[Any]  # drone model of each annotation (None when unknown)
+    sel_ann: list[int]  # indices of the annotations on the evaluated images
+    boxes_of: dict[int, int]  # non-crowd boxes per image
+    dets_of: dict[int, int]  # detections per image
+
+    def counts(self, ids: Sequence[int]) -> dict[str, int]:
+        """gt boxes, images and detections of the images ``ids``."""
+        return {
+            "gt_boxes": int(sum(self.boxes_of[i] for i in ids)),
+            "images": len(ids),
+            "detections": int(sum(self.dets_of[i] for i in ids)),
+        }
+
+
+def _select(gt: Mapping, detections: Sequence[Mapping], imgs: list[Mapping]) -> _Selection:
     ev = CocoEvaluator(gt, detections)
-    imgs = list(gt["images"]) if images is None else list(images)
     img_ids = [int(img["id"]) for img in imgs]
     if len(set(img_ids)) != len(img_ids):
         raise ValueError("breakdowns: duplicate image ids in images")
-    anns = ev.gt_annotations  # copies, same order as gt["annotations"]
-    models = [orig.get("drone_model") for orig in gt["annotations"]]
+    anns = ev.gt_annotations
     selected = set(img_ids)
     sel_ann = [k for k, a in enumerate(anns) if a["image_id"] in selected]
     boxes_of: dict[int, int] = defaultdict(int)
@@ -80,26 +96,65 @@ def breakdowns(gt: Mapping, detections: Sequence[Mapping], images: Sequence[Mapp
     dets_of: dict[int, int] = defaultdict(int)
     for d in detections:
         dets_of[int(d["image_id"])] += 1
+    models = [orig.get("drone_model") for orig in gt["annotations"]]
+    return _Selection(ev, img_ids, anns, models, sel_ann, boxes_of, dets_of)
 
-    def group_stats(ids: list[int], **eval_kw: Any) -> dict[str, Any]:
-        res = ev.evaluate(ids, **eval_kw)
-        return {
+
+def _per_drone_model(sel: _Selection, seq_of: dict[int, str], by_seq: dict[str, list[int]]) -> dict:
+    """AP50 per drone model on the images of the sequences it flies in, other models' boxes ignored."""
+    anns, models = sel.anns, sel.models
+    per_model: dict[str, dict[str, Any]] = {}
+    for name in sorted({str(models[k]) for k in sel.sel_ann if models[k] is not None}):
+        seqs = {seq_of[anns[k]["image_id"]] for k in sel.sel_ann if str(models[k]) == name}
+        ids = [i for s in seqs for i in by_seq[s]]
+        id_set = set(ids)
+        in_group = [k for k in sel.sel_ann if anns[k]["image_id"] in id_set]
+        ignore = [k for k in in_group if models[k] is None or str(models[k]) != name]
+        res = sel.ev.evaluate(ids, ignore_ann_index=ignore)
+        per_model[name] = {
             "AP50": res.ap(0.5),
-            "gt_boxes": int(sum(boxes_of[i] for i in ids)),
+            "gt_boxes": sum(1 for k in in_group if str(models[k]) == name and not anns[k]["iscrowd"]),
             "images": len(ids),
-            "detections": int(sum(dets_of[i] for i in ids)),
+            "sequences": len(seqs),
         }
+    return per_model
 
-    overall_res = ev.evaluate(img_ids)
-    overall = {
-        "mAP50": overall_res.ap(0.5),
-        "mAP50_95": overall_res.ap(None),
-        "gt_boxes": int(sum(boxes_of[i] for i in img_ids)),
-        "images": len(img_ids),
-        "detections": int(sum(dets_of[i] for i in img_ids)),
+
+def _by_size(sel: _Selection, overall_res: Any) -> dict:
+    """AP50 by COCO area range and by FRED longer-side bins."""
+    noncrowd = [sel.anns[k] for k in sel.sel_ann if not sel.anns[k]["iscrowd"]]
+    coco_sizes = {
+        label: {
+            "AP50": overall_res.ap(0.5, label),
+            "gt_boxes": sum(1 for a in noncrowd if lo <= a["area"] <= hi),
+        }
+        for label, (lo, hi) in COCO_AREA_RANGES.items()
     }
+    side_res = sel.ev.evaluate(sel.img_ids, size="max_side")
+    side_sizes = {
+        label: {
+            "AP50": side_res.ap(0.5, label),
+            "gt_boxes": sum(1 for a in noncrowd if lo <= max(a["bbox"][2], a["bbox"][3]) < hi),
+        }
+        for label, (lo, hi) in FRED_SIDE_RANGES.items()
+    }
+    return {"coco_area": coco_sizes, "max_side_px": side_sizes}
 
-    # per sequence / per pair status
+
+def breakdowns(gt: Mapping, detections: Sequence[Mapping], images: Sequence[Mapping] | None = None) -> dict:
+    """AP50 per sequence, drone model, box size and pair status; the 10 worst sequences.
+
+    ``images`` are the COCO image dicts evaluated (``sequence_id``, ``pair_status``); default: all
+    of ``gt["images"]``. Returns a JSON-ready dict (see the module notes for the choices made).
+    """
+    imgs = list(gt["images"]) if images is None else list(images)
+    sel = _select(gt, detections, imgs)
+
+    def group_stats(ids: list[int]) -> dict[str, Any]:
+        return {"AP50": sel.ev.evaluate(ids).ap(0.5), **sel.counts(ids)}
+
+    overall_res = sel.ev.evaluate(sel.img_ids)
+    overall = {"mAP50": overall_res.ap(0.5), "mAP50_95": overall_res.ap(None), **sel.counts(sel.img_ids)}
     by_seq: dict[str, list[int]] = defaultdict(list)
     by_pair: dict[str, list[int]] = defaultdict(list)
     seq_of: dict[int, str] = {}
@@ -109,52 +164,15 @@ def breakdowns(gt: Mapping, detections: Sequence[Mapping], images: Sequence[Mapp
         by_seq[seq_of[iid]].append(iid)
         by_pair[_group_key(img.get("pair_status"))].append(iid)
     per_sequence = {s: group_stats(by_seq[s]) for s in _sort_keys(list(by_seq))}
-    per_pair = {p: group_stats(by_pair[p]) for p in sorted(by_pair)}
-
-    # per drone model
-    per_model: dict[str, dict[str, Any]] = {}
-    model_names = sorted({str(models[k]) for k in sel_ann if models[k] is not None})
-    for name in model_names:
-        seqs = {seq_of[anns[k]["image_id"]] for k in sel_ann if str(models[k]) == name}
-        ids = [i for s in seqs for i in by_seq[s]]
-        id_set = set(ids)
-        in_group = [k for k in sel_ann if anns[k]["image_id"] in id_set]
-        ignore = [k for k in in_group if models[k] is None or str(models[k]) != name]
-        res = ev.evaluate(ids, ignore_ann_index=ignore)
-        per_model[name] = {
-            "AP50": res.ap(0.5),
-            "gt_boxes": sum(1 for k in in_group if str(models[k]) == name and not anns[k]["iscrowd"]),
-            "images": len(ids),
-            "sequences": len(seqs),
-        }
-
-    # by size
-    noncrowd = [anns[k] for k in sel_ann if not anns[k]["iscrowd"]]
-    coco_sizes = {}
-    for label, (lo, hi) in COCO_AREA_RANGES.items():
-        coco_sizes[label] = {
-            "AP50": overall_res.ap(0.5, label),
-            "gt_boxes": sum(1 for a in noncrowd if lo <= a["area"] <= hi),
-        }
-    side_res = ev.evaluate(img_ids, size="max_side")
-    side_sizes = {}
-    for label, (lo, hi) in FRED_SIDE_RANGES.items():
-        side_sizes[label] = {
-            "AP50": side_res.ap(0.5, label),
-            "gt_boxes": sum(1 for a in noncrowd if lo <= max(a["bbox"][2], a["bbox"][3]) < hi),
-        }
-
     ranked = [(s, v) for s, v in per_sequence.items() if v["gt_boxes"] > 0 and v["AP50"] >= 0]
     ranked.sort(key=lambda sv: (sv[1]["AP50"], sv[0]))
-    worst = [{"sequence_id": s, **v} for s, v in ranked[:_WORST]]
-
     return {
         "overall": overall,
         "per_sequence": per_sequence,
-        "per_drone_model": per_model,
-        "by_size": {"coco_area": coco_sizes, "max_side_px": side_sizes},
-        "per_pair_status": per_pair,
-        "worst_sequences": worst,
+        "per_drone_model": _per_drone_model(sel, seq_of, by_seq),
+        "by_size": _by_size(sel, overall_res),
+        "per_pair_status": {p: group_stats(by_pair[p]) for p in sorted(by_pair)},
+        "worst_sequences": [{"sequence_id": s, **v} for s, v in ranked[:_WORST]],
         "notes": {
             "AP50": "COCO AP at IoU 0.5, max 100 detections per image; -1 where a group has no gt box",
             "per_drone_model": "images of the sequences where the model appears; other models' boxes ignored",
@@ -251,7 +269,7 @@ def _gallery(dataset: Any, gt: Mapping, matches: Any, conf: float, count: int) -
                 f"miss {int((g_sel & miss).sum())} conf>={conf:.3f}",
             )
         )
-    return stack_tiles(tiles)
+    return tile_grid(tiles, cols=1)
 
 
 def write_report(
