@@ -199,7 +199,7 @@ def test_event_flag_is_refused_for_single_modality_models(
 def test_unreadable_image_is_named(ckpts: dict[str, Path], tmp_path: Path) -> None:
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"this is not a jpeg")
-    with pytest.raises(ValueError, match=r"broken\.jpg: not a readable image"):
+    with pytest.raises(ValueError, match=r"broken\.jpg: not an image \(cannot decode\)"):
         predict(ckpts["rgb"], bad, out=tmp_path / "o", **QUIET)
 
 

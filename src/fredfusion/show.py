@@ -27,7 +27,7 @@ from fredfusion.draw import (
     side_by_side,
 )
 from fredfusion.draw import tile_grid as pair_grid
-from fredfusion.spec import DEFAULT_INPUT_HW
+from fredfusion.spec import DEFAULT_INPUT_HW, FRAME_KINDS
 
 __all__ = [
     "BOX_COLOR",
@@ -126,7 +126,7 @@ def render_pairs(
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(pool, size=min(n, pool.size), replace=False))
     ids = ds.ids[pick]
-    fb = ds.load(ids, modalities=("rgb", "event"))
+    fb = ds.load(ids, modalities=FRAME_KINDS)
     status = {(True, True): "", (True, False): " rgb only", (False, True): " event only"}
 
     tiles = []

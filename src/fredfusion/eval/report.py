@@ -39,6 +39,7 @@ from fredfusion.eval.coco_metrics import (
 )
 from fredfusion.eval.evaluator import EvalResult
 from fredfusion.eval.plots import error_tile, plot_pr_curve
+from fredfusion.spec import FRAME_KINDS
 
 __all__ = ["breakdowns", "compare_table", "format_table", "write_report"]
 
@@ -220,7 +221,7 @@ def _load_frames(dataset: Any, ids: list[int]) -> Any:
     except (TypeError, ValueError):
         params = {}
     if "modalities" in params:
-        return dataset.load(ids, modalities=("rgb", "event"))
+        return dataset.load(ids, modalities=FRAME_KINDS)
     return dataset.load(ids)
 
 
