@@ -8,7 +8,9 @@ numpy and OpenCV only.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -140,19 +142,21 @@ def tile_grid(tiles: Sequence[np.ndarray], cols: int, gap: int = GRID_GAP) -> np
 
 
 def save_png(path: Path, image_rgb: np.ndarray) -> Path:
-    """Write an RGB uint8 image as PNG through a temporary file in the same folder, so ``path`` is
-    either the old file or the whole new one; OSError when it cannot be written."""
+    """Write an RGB uint8 image as PNG through a temporary file in the same folder (``.NAME.*.tmp``),
+    so ``path`` is either the old file or the whole new one; OSError when it cannot be written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    bgr = np.ascontiguousarray(np.asarray(image_rgb, dtype=np.uint8)[..., ::-1])
-    ok, buf = cv2.imencode(".png", bgr)
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(np.asarray(image_rgb, dtype=np.uint8)[..., ::-1]))
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        tmp.write_bytes(buf.tobytes())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.tobytes())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"could not write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
