@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -54,6 +56,7 @@ _LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 _MAX_EXAMPLES = 3
+T = TypeVar("T", int, float)
 _SECONDS_PER_DAY = 86400.0
 
 
@@ -185,45 +188,71 @@ def _report_unparsed(problems: list[str], folder: str, bad: list[str], what: str
     problems.append(f"{folder}: {len(bad)} file name(s) not recognised as {what} frames ({examples}{more})")
 
 
+def _rgb_time(name: str) -> float | None:
+    """Seconds of day of an RGB file name, or None when it is not one."""
+    m = _RGB_RE.fullmatch(name)
+    if m is None:
+        return None
+    hh, mm, ss = m.groups()
+    h, mi, s = int(hh), int(mm), float(ss)
+    if h > 23 or mi > 59 or s >= 61.0:
+        return None
+    return h * 3600.0 + mi * 60.0 + s
+
+
+def _event_time(name: str) -> int | None:
+    """Microseconds of an event file name, or None when it is not one."""
+    m = _EVENT_RE.fullmatch(name)
+    return None if m is None else int(m.group(1))
+
+
+def _split_names(
+    names: list[str], time_of: Callable[[str], T | None]
+) -> tuple[list[str], list[T], list[str]]:
+    """Split names into (kept names, their ``time_of``, names ``time_of`` does not recognise)."""
+    kept: list[str] = []
+    times: list[T] = []
+    bad: list[str] = []
+    for name in names:
+        t = time_of(name)
+        if t is None:
+            bad.append(name)
+        else:
+            kept.append(name)
+            times.append(t)
+    return kept, times, bad
+
+
 def _parse_rgb_names(names: list[str]) -> tuple[list[str], list[float], list[str]]:
     """Split RGB names into (kept names, seconds of day, unrecognised names)."""
-    kept: list[str] = []
-    times: list[float] = []
-    bad: list[str] = []
-    match = _RGB_RE.fullmatch
-    for name in names:
-        m = match(name)
-        if m is None:
-            bad.append(name)
-            continue
-        hh, mm, ss = m.groups()
-        h, mi, s = int(hh), int(mm), float(ss)
-        if h > 23 or mi > 59 or s >= 61.0:
-            bad.append(name)
-            continue
-        kept.append(name)
-        times.append(h * 3600.0 + mi * 60.0 + s)
-    return kept, times, bad
+    return _split_names(names, _rgb_time)
 
 
 def _parse_event_names(names: list[str]) -> tuple[list[str], list[int], list[str]]:
     """Split event names into (kept names, microseconds, unrecognised names)."""
-    kept: list[str] = []
-    times: list[int] = []
-    bad: list[str] = []
-    match = _EVENT_RE.fullmatch
-    for name in names:
-        m = match(name)
-        if m is None:
-            bad.append(name)
-            continue
-        kept.append(name)
-        times.append(int(m.group(1)))
-    return kept, times, bad
+    return _split_names(names, _event_time)
 
 
 def _count_duplicates(sorted_t: np.ndarray) -> int:
     return int(np.count_nonzero(np.diff(sorted_t) == 0)) if len(sorted_t) > 1 else 0
+
+
+def _frame_list(
+    folder: str, root: str, kept: list[str], t: np.ndarray, bad: list[str], what: str, problems: list[str]
+) -> tuple[str, list[str], np.ndarray]:
+    """The frames of ``folder`` in time order: ``(folder relative to root, file names, sorted t)``.
+
+    Reports the unrecognised names (hidden files aside) and frames that share a time stamp.
+    """
+    _report_unparsed(problems, folder, [b for b in bad if not b.startswith(".")], what)
+    order = np.argsort(t, kind="stable")
+    t = t[order]
+    rel_dir = _rel(folder, root)
+    files = [f"{rel_dir}/{kept[i]}" for i in order.tolist()]
+    dup = _count_duplicates(t)
+    if dup:
+        problems.append(f"{folder}: {dup} {what} frame(s) share a time stamp with another frame")
+    return rel_dir, files, t
 
 
 def _read_rgb(seq_dir: str, root: str, problems: list[str]) -> tuple[str | None, list[str], np.ndarray]:
@@ -242,19 +271,11 @@ def _read_rgb(seq_dir: str, root: str, problems: list[str]) -> tuple[str | None,
         problems.append(f"{seq_dir}: no RGB folder ({' or '.join(RGB_DIRS)}); sequence has no RGB frames")
         return None, [], np.zeros(0, dtype=np.float64)
     rgb_dir, kept, times, bad = chosen
-    _report_unparsed(problems, rgb_dir, [b for b in bad if not b.startswith(".")], "RGB")
     t = np.asarray(times, dtype=np.float64)
     if len(t) and float(t.max() - t.min()) > _SECONDS_PER_DAY / 2:
         # The recording crossed midnight: times after midnight belong to the next day.
         t = np.where(t < _SECONDS_PER_DAY / 2, t + _SECONDS_PER_DAY, t)
-    order = np.argsort(t, kind="stable")
-    t = t[order]
-    rel_dir = _rel(rgb_dir, root)
-    files = [f"{rel_dir}/{kept[i]}" for i in order.tolist()]
-    dup = _count_duplicates(t)
-    if dup:
-        problems.append(f"{rgb_dir}: {dup} RGB frame(s) share a time stamp with another frame")
-    return rel_dir, files, t
+    return _frame_list(rgb_dir, root, kept, t, bad, "RGB", problems)
 
 
 def _read_events(seq_dir: str, root: str, problems: list[str]) -> tuple[list[str], np.ndarray]:
@@ -264,15 +285,8 @@ def _read_events(seq_dir: str, root: str, problems: list[str]) -> tuple[list[str
         problems.append(f"{event_dir}: event frame folder missing; sequence has no event frames")
         return [], np.zeros(0, dtype=np.float64)
     kept, times_us, bad = _parse_event_names(names)
-    _report_unparsed(problems, event_dir, [b for b in bad if not b.startswith(".")], "event")
     t_us = np.asarray(times_us, dtype=np.int64)
-    order = np.argsort(t_us, kind="stable")
-    t_us = t_us[order]
-    rel_dir = _rel(event_dir, root)
-    files = [f"{rel_dir}/{kept[i]}" for i in order.tolist()]
-    dup = _count_duplicates(t_us)
-    if dup:
-        problems.append(f"{event_dir}: {dup} event frame(s) share a time stamp with another frame")
+    _, files, t_us = _frame_list(event_dir, root, kept, t_us, bad, "event", problems)
     return files, t_us.astype(np.float64) / 1e6
 
 
@@ -366,21 +380,21 @@ def _duplicates(t: np.ndarray, track_ids: np.ndarray, boxes: np.ndarray) -> tupl
     return repeated, first
 
 
-def parse_annotations(
-    data: bytes, path: str, width: int = FRAME_WIDTH, height: int = FRAME_HEIGHT
-) -> Annotations:
-    """Parse the bytes of a FRED ``coordinates.txt``-style file; never raises on content.
+@dataclass
+class _Lines:
+    """The data lines of an annotation file that parsed: numbers, line numbers, ids and models."""
 
-    Lines are ``time: x1, y1, x2, y2[, id[, class]]`` (a lone fifth column that is not an
-    integer is taken as the class); blank lines and ``#`` comments are skipped. Boxes are
-    clipped to ``[0, width] x [0, height]`` (negative coordinates become 0). Every data line
-    that yields no box is reported as ``path:line: reason``: malformed lines (unparseable, NaN
-    or infinite numbers, negative time, ``x2 < x1`` or ``y2 < y1``, a track id that is not an
-    int64), boxes empty or outside the frame after clipping, and lines that repeat an earlier
-    line (same time and track id; for lines without an id, same time and box). Several boxes
-    may share a time. Invalid UTF-8 is replaced and reported. Lines are numbered as an editor
-    does (``\n``, ``\r\n`` or ``\r`` end a line).
-    """
+    rows: np.ndarray  # (n, 5) float64: time, x1, y1, x2, y2
+    linenos: list[int]
+    ids: list[int]
+    models: list[str]
+    n_malformed: int
+    n_lines: int
+
+
+def _parse_lines(data: bytes, issues: list[tuple[int, str]]) -> _Lines:
+    """Decode ``data`` (invalid UTF-8 replaced) and parse every data line; a line that does not parse
+    and a line with replaced bytes add ``(line number, reason)`` to ``issues``."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -392,10 +406,8 @@ def parse_annotations(
     linenos: list[int] = []
     ids: list[int] = []
     models: list[str] = []
-    issues: list[tuple[int, str]] = []  # (line number, reason)
     n_malformed = 0
     n_lines = 0
-
     for lineno, raw in enumerate(_LINE_BREAK_RE.split(text), start=1):
         line = raw.strip()
         if not line or line[0] == "#":
@@ -413,8 +425,13 @@ def parse_annotations(
         linenos.append(lineno)
         ids.append(track_id)
         models.append(model)
-
     arr = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+    return _Lines(arr, linenos, ids, models, n_malformed, n_lines)
+
+
+def _invalid_rows(arr: np.ndarray, linenos: list[int], issues: list[tuple[int, str]]) -> np.ndarray:
+    """Mask of rows that are malformed although they parsed: NaN or infinite numbers, negative time,
+    ``x2 < x1`` or ``y2 < y1``; each adds its reason to ``issues``."""
     finite = np.isfinite(arr).all(axis=1)
     negative = finite & (arr[:, 0] < 0)
     inverted = finite & ~negative & ((arr[:, 3] < arr[:, 1]) | (arr[:, 4] < arr[:, 2]))
@@ -427,10 +444,19 @@ def parse_annotations(
         else:
             reason = "x2 < x1 or y2 < y1"
         issues.append((linenos[i], reason))
-    n_malformed += int(np.count_nonzero(invalid))
+    return invalid
 
-    box_t = arr[:, 0]
-    raw_boxes = arr[:, 1:]
+
+def _clip_boxes(
+    raw_boxes: np.ndarray,
+    invalid: np.ndarray,
+    width: int,
+    height: int,
+    linenos: list[int],
+    issues: list[tuple[int, str]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boxes clipped to the frame: ``(clipped float64, clipped float32, empty mask)``; each valid box
+    left empty (zero size, or outside the frame) adds its reason to ``issues``."""
     clipped = raw_boxes.copy()
     np.clip(clipped[:, 0::2], 0.0, float(width), out=clipped[:, 0::2])
     np.clip(clipped[:, 1::2], 0.0, float(height), out=clipped[:, 1::2])
@@ -446,9 +472,15 @@ def parse_annotations(
     for i in np.flatnonzero(empty).tolist():
         where = f"outside the {width}x{height} frame" if outside[i] else "empty (zero width or height)"
         issues.append((linenos[i], f"box {where}; dropped"))
+    return clipped, boxes32, empty
 
-    track_arr = np.asarray(ids, dtype=np.int64)
-    candidates = np.flatnonzero(~invalid & ~empty)
+
+def _drop_repeats(
+    lines: _Lines, candidates: np.ndarray, track_arr: np.ndarray, issues: list[tuple[int, str]]
+) -> tuple[np.ndarray, int]:
+    """The rows of ``candidates`` that do not repeat an earlier line and the number that do; each
+    repeat adds its reason to ``issues``."""
+    box_t, raw_boxes, linenos, ids = lines.rows[:, 0], lines.rows[:, 1:], lines.linenos, lines.ids
     repeated, first = _duplicates(box_t[candidates], track_arr[candidates], raw_boxes[candidates])
     for k in np.flatnonzero(repeated).tolist():
         i, j = int(candidates[k]), int(candidates[first[k]])
@@ -456,7 +488,31 @@ def parse_annotations(
         issues.append(
             (linenos[i], f"repeats line {linenos[j]} (same time {float(box_t[i])} and {same}); dropped")
         )
-    kept_idx = candidates[~repeated]
+    return candidates[~repeated], int(np.count_nonzero(repeated))
+
+
+def parse_annotations(
+    data: bytes, path: str, width: int = FRAME_WIDTH, height: int = FRAME_HEIGHT
+) -> Annotations:
+    """Parse the bytes of a FRED ``coordinates.txt``-style file; never raises on content.
+
+    Lines are ``time: x1, y1, x2, y2[, id[, class]]`` (a lone fifth column that is not an
+    integer is taken as the class); blank lines and ``#`` comments are skipped. Boxes are
+    clipped to ``[0, width] x [0, height]`` (negative coordinates become 0). Every data line
+    that yields no box is reported as ``path:line: reason``: malformed lines (unparseable, NaN
+    or infinite numbers, negative time, ``x2 < x1`` or ``y2 < y1``, a track id that is not an
+    int64), boxes empty or outside the frame after clipping, and lines that repeat an earlier
+    line (same time and track id; for lines without an id, same time and box). Several boxes
+    may share a time. Invalid UTF-8 is replaced and reported. Lines are numbered as an editor
+    does (``\n``, ``\r\n`` or ``\r`` end a line).
+    """
+    issues: list[tuple[int, str]] = []  # (line number, reason)
+    lines = _parse_lines(data, issues)
+    invalid = _invalid_rows(lines.rows, lines.linenos, issues)
+    box_t, raw_boxes = lines.rows[:, 0], lines.rows[:, 1:]
+    clipped, boxes32, empty = _clip_boxes(raw_boxes, invalid, width, height, lines.linenos, issues)
+    track_arr = np.asarray(lines.ids, dtype=np.int64)
+    kept_idx, n_repeated = _drop_repeats(lines, np.flatnonzero(~invalid & ~empty), track_arr, issues)
 
     issues.sort(key=lambda item: item[0])
     changed = np.any(clipped[kept_idx] != raw_boxes[kept_idx], axis=1)
@@ -466,13 +522,13 @@ def parse_annotations(
         box_t=box_t[order],
         boxes=boxes32[order],
         track_ids=track_arr[order],
-        drone_models=[models[i] for i in order.tolist()],
+        drone_models=[lines.models[i] for i in order.tolist()],
         n_clipped=int(np.count_nonzero(changed)),
         n_dropped_empty=int(np.count_nonzero(empty)),
-        n_malformed=n_malformed,
+        n_malformed=lines.n_malformed + int(np.count_nonzero(invalid)),
         problems=[f"{path}:{ln}: {reason}" for ln, reason in issues],
-        n_duplicates=int(np.count_nonzero(repeated)),
-        n_lines=n_lines,
+        n_duplicates=n_repeated,
+        n_lines=lines.n_lines,
     )
 
 

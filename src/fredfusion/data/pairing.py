@@ -25,6 +25,7 @@ __all__ = [
     "PairedImage",
     "PairedSequence",
     "PairingStats",
+    "check_pairing_settings",
     "pair_frames",
     "pair_sequence",
     "place_rgb_on_event_clock",
@@ -37,6 +38,29 @@ DEFAULT_FIRST_FRAME_S = 0.033333  # first frame time on the annotation clock (fr
 DUAL = "dual"
 RGB_ONLY = "rgb_only"
 EVENT_ONLY = "event_only"
+
+
+def check_pairing_settings(stride: int, tolerance_ms: float) -> None:
+    """ValueError unless ``stride >= 1`` and ``tolerance_ms >= 0``."""
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if tolerance_ms < 0:
+        raise ValueError(f"tolerance_ms must be >= 0, got {tolerance_ms}")
+
+
+def _nearest(ref_t: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each time of ``t``, the nearest time of sorted non-empty ``ref_t`` (ties: the earlier one).
+
+    Returns ``(left, right, nearest, distance)``: the neighbours below and at-or-above (may be -1 or
+    ``len(ref_t)``), the index of the nearest one and its distance.
+    """
+    n = len(ref_t)
+    right = np.searchsorted(ref_t, t, side="left")
+    left = right - 1
+    d_left = np.where(left >= 0, t - ref_t[np.maximum(left, 0)], np.inf)
+    d_right = np.where(right < n, ref_t[np.minimum(right, n - 1)] - t, np.inf)
+    take_left = d_left <= d_right
+    return left, right, np.where(take_left, left, right), np.where(take_left, d_left, d_right)
 
 
 def place_rgb_on_event_clock(rgb_t: np.ndarray, event_t: np.ndarray) -> np.ndarray:
@@ -75,13 +99,7 @@ def pair_frames(rgb_t: np.ndarray, event_t: np.ndarray, tolerance_s: float) -> t
         return empty, empty.copy()
 
     # Nearest event frame of every RGB frame (ties go to the earlier event frame).
-    right = np.searchsorted(event_t, rgb_t, side="left")
-    left = right - 1
-    d_left = np.where(left >= 0, rgb_t - event_t[np.maximum(left, 0)], np.inf)
-    d_right = np.where(right < n_ev, event_t[np.minimum(right, n_ev - 1)] - rgb_t, np.inf)
-    take_left = d_left <= d_right
-    nearest = np.where(take_left, left, right)
-    d_near = np.where(take_left, d_left, d_right)
+    left, right, nearest, d_near = _nearest(event_t, rgb_t)
     ok = d_near <= tolerance_s
 
     # Fast path: when no two RGB frames share a nearest event frame, greedy accepts every
@@ -246,37 +264,18 @@ def _match_times(image_t: np.ndarray, ref_t: np.ndarray, max_d: float) -> np.nda
     """Index into sorted ``ref_t`` of the nearest time to each image time within ``max_d``, else -1."""
     if len(ref_t) == 0 or len(image_t) == 0:
         return np.full(len(image_t), -1, dtype=np.int64)
-    right = np.searchsorted(ref_t, image_t, side="left")
-    left = right - 1
-    n = len(ref_t)
-    d_left = np.where(left >= 0, image_t - ref_t[np.maximum(left, 0)], np.inf)
-    d_right = np.where(right < n, ref_t[np.minimum(right, n - 1)] - image_t, np.inf)
-    take_left = d_left <= d_right
-    idx = np.where(take_left, left, right)
-    dist = np.where(take_left, d_left, d_right)
+    _, _, idx, dist = _nearest(ref_t, image_t)
     return np.where(dist <= max_d + 1e-9, idx, -1).astype(np.int64)
 
 
-def pair_sequence(seq: SequenceIndex, tolerance_ms: float, stride: int = 1) -> PairedSequence:
-    """Pair the frames of a sequence and list its images in time order with their boxes.
+def _timeline(
+    rgb_t: np.ndarray, event_t: np.ndarray, ri: np.ndarray, ei: np.ndarray, abs_dt_ms: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Every image of a sequence in time order: pairs (at the event time), lone RGB and lone event frames.
 
-    Images are the pairs (``dual``, at the event time), the unpaired RGB frames (``rgb_only``,
-    at their placed RGB time) and the unpaired event frames (``event_only``), sorted by time;
-    ``frame_index`` is the 0-based position in that full list. Boxes are attached from the
-    annotation time nearest to the image time within half a frame period (``BOX_MATCH_S``);
-    boxes whose time matches no image are counted in ``unmatched_boxes``. ``stride`` keeps every
-    ``stride``-th image of the list; the statistics describe the full pairing.
+    Returns ``(times, kinds, rgb index, event index, |dt| ms)``; kind 0 is dual, 1 rgb_only, 2
+    event_only; an absent frame has index -1, an image that is not a pair has |dt| NaN.
     """
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if tolerance_ms < 0:
-        raise ValueError(f"tolerance_ms must be >= 0, got {tolerance_ms}")
-    rgb_t = place_rgb_on_event_clock(seq.rgb_t, seq.event_t)
-    event_t = seq.event_t
-    ri, ei = pair_frames(rgb_t, event_t, tolerance_ms / 1000.0)
-    abs_dt_ms = np.abs(rgb_t[ri] - event_t[ei]) * 1000.0
-    stats = PairingStats.from_pairs(len(rgb_t), len(event_t), abs_dt_ms)
-
     rgb_paired = np.zeros(len(rgb_t), dtype=bool)
     rgb_paired[ri] = True
     ev_paired = np.zeros(len(event_t), dtype=bool)
@@ -284,7 +283,6 @@ def pair_sequence(seq: SequenceIndex, tolerance_ms: float, stride: int = 1) -> P
     lone_rgb = np.flatnonzero(~rgb_paired)
     lone_ev = np.flatnonzero(~ev_paired)
 
-    # kind: 0 dual, 1 rgb_only, 2 event_only; a = rgb index, b = event index (-1 when absent)
     times = np.concatenate([event_t[ei], rgb_t[lone_rgb], event_t[lone_ev]])
     kinds = np.concatenate(
         [np.zeros(len(ei), np.int8), np.ones(len(lone_rgb), np.int8), np.full(len(lone_ev), 2, np.int8)]
@@ -293,24 +291,27 @@ def pair_sequence(seq: SequenceIndex, tolerance_ms: float, stride: int = 1) -> P
     b_idx = np.concatenate([ei, np.full(len(lone_rgb), -1, np.int64), lone_ev])
     dts = np.concatenate([abs_dt_ms, np.full(len(lone_rgb) + len(lone_ev), np.nan)])
     order = np.lexsort((b_idx, a_idx, kinds, times))
-    times, kinds, a_idx, b_idx, dts = times[order], kinds[order], a_idx[order], b_idx[order], dts[order]
+    return times[order], kinds[order], a_idx[order], b_idx[order], dts[order]
 
-    # Boxes: group annotation lines by unique time, match each image to the nearest group.
-    box_t = seq.box_t
-    uniq_t, starts, counts = np.unique(box_t, return_index=True, return_counts=True)
-    group = _match_times(times, uniq_t, BOX_MATCH_S)
-    used = np.zeros(len(uniq_t), dtype=bool)
-    used[group[group >= 0]] = True
-    boxes_matched = int(counts[used].sum()) if len(uniq_t) else 0
 
+def _images(
+    seq: SequenceIndex,
+    timeline: tuple[np.ndarray, ...],
+    group: np.ndarray,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    stride: int,
+) -> list[PairedImage]:
+    """Every ``stride``-th image of ``timeline`` with the boxes of its annotation time group
+    (``group``: index into the groups that start at ``starts`` and hold ``counts`` rows, or -1)."""
     status_names = (DUAL, RGB_ONLY, EVENT_ONLY)
     rgb_files, ev_files = seq.rgb_files, seq.event_files
     all_boxes, all_tids, all_models = seq.boxes, seq.track_ids, seq.drone_models
     empty_boxes = np.zeros((0, 4), dtype=np.float32)
     empty_ids = np.zeros(0, dtype=np.int64)
     keep = slice(None, None, stride)
-    l_times, l_kinds = times[keep].tolist(), kinds[keep].tolist()
-    l_a, l_b, l_g, l_dt = a_idx[keep].tolist(), b_idx[keep].tolist(), group[keep].tolist(), dts[keep].tolist()
+    l_times, l_kinds, l_a, l_b, l_dt = (x[keep].tolist() for x in timeline)
+    l_g = group[keep].tolist()
     l_starts, l_counts = starts.tolist(), counts.tolist()
     seq_id = seq.seq_id
     images: list[PairedImage] = []
@@ -336,13 +337,40 @@ def pair_sequence(seq: SequenceIndex, tolerance_ms: float, stride: int = 1) -> P
                 models,
             )
         )
+    return images
+
+
+def pair_sequence(seq: SequenceIndex, tolerance_ms: float, stride: int = 1) -> PairedSequence:
+    """Pair the frames of a sequence and list its images in time order with their boxes.
+
+    Images are the pairs (``dual``, at the event time), the unpaired RGB frames (``rgb_only``,
+    at their placed RGB time) and the unpaired event frames (``event_only``), sorted by time;
+    ``frame_index`` is the 0-based position in that full list. Boxes are attached from the
+    annotation time nearest to the image time within half a frame period (``BOX_MATCH_S``);
+    boxes whose time matches no image are counted in ``unmatched_boxes``. ``stride`` keeps every
+    ``stride``-th image of the list; the statistics describe the full pairing.
+    """
+    check_pairing_settings(stride, tolerance_ms)
+    rgb_t = place_rgb_on_event_clock(seq.rgb_t, seq.event_t)
+    event_t = seq.event_t
+    ri, ei = pair_frames(rgb_t, event_t, tolerance_ms / 1000.0)
+    abs_dt_ms = np.abs(rgb_t[ri] - event_t[ei]) * 1000.0
+    timeline = _timeline(rgb_t, event_t, ri, ei, abs_dt_ms)
+
+    # Boxes: group annotation lines by unique time, match each image to the nearest group.
+    box_t = seq.box_t
+    uniq_t, starts, counts = np.unique(box_t, return_index=True, return_counts=True)
+    group = _match_times(timeline[0], uniq_t, BOX_MATCH_S)
+    used = np.zeros(len(uniq_t), dtype=bool)
+    used[group[group >= 0]] = True
+    boxes_matched = int(counts[used].sum()) if len(uniq_t) else 0
     return PairedSequence(
         seq_id=seq.seq_id,
-        images=images,
-        stats=stats,
+        images=_images(seq, timeline, group, starts, counts, stride),
+        stats=PairingStats.from_pairs(len(rgb_t), len(event_t), abs_dt_ms),
         stride=stride,
         tolerance_ms=float(tolerance_ms),
-        n_images_total=len(times),
+        n_images_total=len(timeline[0]),
         boxes_total=len(box_t),
         boxes_matched=boxes_matched,
         unmatched_boxes=len(box_t) - boxes_matched,
