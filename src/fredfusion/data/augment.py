@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fredfusion.spec import FRAME_KINDS
+
 __all__ = [
     "INVALID_ROW",
     "AugmentConfig",
@@ -98,7 +100,7 @@ def _check_images(rgb: Tensor | None, event: Tensor | None) -> tuple[int, int, i
     if rgb is None and event is None:
         raise ValueError("augment: rgb and event are both None; at least one modality is needed")
     shape = None
-    for name, x in (("rgb", rgb), ("event", event)):
+    for name, x in zip(FRAME_KINDS, (rgb, event)):
         if x is None:
             continue
         if not isinstance(x, Tensor):
@@ -192,10 +194,15 @@ def letterbox_params(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[f
     return scale, pad_x, pad_y
 
 
+def _with_fill(rgb: Tensor | None, event: Tensor | None) -> list[tuple[Tensor, int]]:
+    """The given modalities, RGB first, each with its fill value."""
+    return [(x, v) for x, v in ((rgb, RGB_FILL), (event, EVENT_FILL)) if x is not None]
+
+
 def _stack_source(rgb: Tensor | None, event: Tensor | None) -> tuple[Tensor, tuple[float, ...]]:
     """Stack the modalities into one float32 source ``(B, C, h, w)`` holding ``pixel - fill`` (so that
     zero padding of ``grid_sample`` means "fill"); return it with the fill value of each modality."""
-    parts = [(x, v) for x, v in ((rgb, RGB_FILL), (event, EVENT_FILL)) if x is not None]
+    parts = _with_fill(rgb, event)
     batch, _, h, w = parts[0][0].shape
     device = parts[0][0].device
     src = torch.empty((batch, 3 * len(parts), h, w), dtype=torch.float32, device=device)
@@ -216,7 +223,7 @@ def _mosaic_canvas(
     ``tiles[i, k]`` where ``used[i]`` and empty (fill, i.e. 0) elsewhere. Tiles are gathered as uint8
     (an extra image of fill values stands for "empty") and converted once.
     """
-    parts = [(x, v) for x, v in ((rgb, RGB_FILL), (event, EVENT_FILL)) if x is not None]
+    parts = _with_fill(rgb, event)
     batch, _, h, w = parts[0][0].shape
     dev = parts[0][0].device
     chans = 3 * len(parts)
@@ -433,6 +440,169 @@ def _cyclic_partners(draw: _Draw, batch: int, n: int) -> tuple[Tensor, Tensor]:
     return order[(pos + off) % batch], order[(pos - off) % batch]
 
 
+@dataclass
+class _Samples:
+    """The random decisions of one :func:`augment_batch` call, one entry per sample (on the image device)."""
+
+    use_mosaic: Tensor  # (B,) bool
+    partners: Tensor  # (3, B): the batch images in Mosaic tiles 1-3
+    partner_of: Tensor  # (3, B): inverse maps, the sample whose tile k holds image j
+    centre: Tensor  # (B, 2): Mosaic centre in units of (w, h) of one tile
+    scale: Tensor  # (B,)
+    angle: Tensor  # (B,) radians
+    shear: Tensor  # (B, 2) tangents
+    shift: Tensor  # (B, 2) in units of the output size
+    flip: Tensor  # (B,) bool
+    use_mixup: Tensor  # (B,) bool
+    mix_partner: Tensor  # (B,): the sample blended in
+    mixed_into: Tensor  # (B,): the sample this one is blended into
+    lam: Tensor  # (B,) MixUp weight of the own image
+    hsv_gains: Tensor  # (B, 3): hue shift, saturation gain, value gain
+
+
+def _draw_samples(draw: _Draw, batch: int, cfg: AugmentConfig, mosaic: bool, mixup: bool) -> _Samples:
+    """Draw every per-sample decision, always all of them and in this order (same stream whatever
+    is switched off); ``mosaic`` / ``mixup`` False make every ``use_*`` False."""
+    use_mosaic = draw.bernoulli(batch, cfg.mosaic_prob) & mosaic
+    partners, partner_of = _cyclic_partners(draw, batch, 3)
+    centre = draw.uniform((batch, 2), 0.5, 1.5)
+    scale = draw.uniform((batch,), 1.0 - cfg.scale, 1.0 + cfg.scale)
+    angle = draw.uniform((batch,), -cfg.degrees, cfg.degrees) * (math.pi / 180.0)
+    shear = (draw.uniform((batch, 2), -cfg.shear, cfg.shear) * (math.pi / 180.0)).tan()
+    shift = draw.uniform((batch, 2), -cfg.translate, cfg.translate)
+    flip = draw.bernoulli(batch, cfg.fliplr)
+    use_mixup = draw.bernoulli(batch, cfg.mixup_prob) & mixup
+    mix_partner, mixed_into = (x[0] for x in _cyclic_partners(draw, batch, 1))
+    lam = draw.beta_sym(batch, MIXUP_BETA)
+    hsv_gains = torch.stack(
+        [
+            draw.uniform((batch,), -cfg.hsv_h, cfg.hsv_h),
+            draw.uniform((batch,), 1.0 - cfg.hsv_s, 1.0 + cfg.hsv_s),
+            draw.uniform((batch,), 1.0 - cfg.hsv_v, 1.0 + cfg.hsv_v),
+        ],
+        1,
+    )
+    return _Samples(
+        use_mosaic,
+        partners,
+        partner_of,
+        centre,
+        scale,
+        angle,
+        shear,
+        shift,
+        flip,
+        use_mixup,
+        mix_partner,
+        mixed_into,
+        lam,
+        hsv_gains,
+    )
+
+
+def _affine(s: _Samples, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> Tensor:
+    """One float64 affine matrix ``(B, 2, 3)`` per sample: store (or canvas tile 0) pixels -> output pixels.
+
+    ``base(p) = r * p + q`` fits the source to the output (letterbox for a single image, a window
+    around the Mosaic centre for a canvas); ``L = flip @ shear @ rotation * scale`` acts around the
+    output centre ``o``; then the random shift ``t``: ``out = L @ (base(p) - o) + o + t``.
+    """
+    (h, w), (out_h, out_w) = in_hw, out_hw
+    batch = s.scale.shape[0]
+    r, pad_x, pad_y = letterbox_params((h, w), (out_h, out_w))
+    ox, oy = out_w / 2, out_h / 2
+    q_o = torch.stack(  # q - o
+        [
+            torch.where(s.use_mosaic, s.centre[:, 0] * (-r * w), pad_x - ox),
+            torch.where(s.use_mosaic, s.centre[:, 1] * (-r * h), pad_y - oy),
+        ],
+        1,
+    )
+    o_t = torch.stack([s.shift[:, 0] * out_w + ox, s.shift[:, 1] * out_h + oy], 1)  # o + t
+    cos, sin = s.angle.cos(), s.angle.sin()
+    rot = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+    ones = torch.ones(batch, dtype=torch.float64, device=s.scale.device)
+    shr = torch.stack([torch.stack([ones, s.shear[:, 0]], 1), torch.stack([s.shear[:, 1], ones], 1)], 1)
+    lin = shr @ rot * s.scale.view(batch, 1, 1)
+    lin[:, 0] = torch.where(s.flip.unsqueeze(1), -lin[:, 0], lin[:, 0])
+    offset = (lin @ q_o.unsqueeze(-1)).squeeze(-1) + o_t
+    return torch.cat([lin * r, offset.unsqueeze(-1)], 2)
+
+
+def _warp_samples(
+    rgb: Tensor | None, event: Tensor | None, s: _Samples, fwd: Tensor, out_hw: tuple[int, int], mosaic: bool
+) -> tuple[Tensor, tuple[float, ...]]:
+    """One warp per sample by ``fwd`` from its Mosaic canvas (its own image only without Mosaic):
+    ``(B, C, H, W)`` in ``pixel - fill`` and the fill of each modality."""
+    if mosaic:
+        batch = s.partners.shape[1]
+        tiles = torch.cat([torch.arange(batch, device=fwd.device).view(1, batch), s.partners], 0).t()
+        src, fill = _mosaic_canvas(rgb, event, tiles, s.use_mosaic)
+    else:
+        src, fill = _stack_source(rgb, event)
+    return _warp(src, _invert(fwd), out_hw, canvas=mosaic), fill
+
+
+def _box_rows(
+    targets: Tensor,
+    row_ok: Tensor,
+    s: _Samples,
+    fwd: Tensor,
+    in_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    cfg: AugmentConfig,
+    mosaic: bool,
+) -> tuple[Tensor, Tensor]:
+    """Target rows in output pixels, a fixed number of copies per input row, and the mask of those kept.
+
+    Copy 0 is the own image (tile 0 of its own sample); with Mosaic copy ``k`` is tile ``k`` of the
+    sample whose partner ``k`` the image is. Copies not shown, boxes too small or mostly clipped are
+    not kept (they stay in place, to be marked invalid).
+    """
+    (h, w), (out_h, out_w) = in_hw, out_hw
+    batch, m = s.scale.shape[0], targets.shape[0]
+    img = targets[:, 0].nan_to_num(nan=0.0).clamp(0, batch - 1).long()
+    if mosaic:
+        sample = torch.cat([img.view(1, m), s.partner_of.gather(1, img.view(1, m).expand(3, m))], 0)
+        shown = torch.cat([row_ok.view(1, m), s.use_mosaic[sample[1:]] & row_ok.view(1, m)], 0)
+        k = torch.arange(4, device=targets.device, dtype=torch.float32).view(4, 1)
+        dx, dy = (k % 2) * w, (k // 2) * h
+        boxes = targets[:, 2:6].unsqueeze(0) + torch.stack([dx, dy, dx, dy], 2)  # (4, M, 4)
+    else:
+        sample, shown, boxes = img.view(1, m), row_ok.view(1, m), targets[:, 2:6].unsqueeze(0)
+    sample, shown, boxes = sample.reshape(-1), shown.reshape(-1), boxes.reshape(-1, 4)
+    classes = targets[:, 1:2].repeat(4 if mosaic else 1, 1)
+    boxes = _transform_boxes(boxes, fwd.to(torch.float32).index_select(0, sample))
+    full_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, out_w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0.0, out_h)
+    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    keep = (
+        shown
+        & (bw >= cfg.min_box_size)
+        & (bh >= cfg.min_box_size)
+        & (bw > 0)
+        & (bh > 0)
+        & (bw * bh >= cfg.min_box_area_ratio * full_area)
+    )
+    return torch.cat([sample.unsqueeze(1).to(torch.float32), classes, boxes], 1), keep
+
+
+def _mixup(warped: Tensor, rows: Tensor, keep: Tensor, s: _Samples) -> tuple[Tensor, Tensor]:
+    """Blend each sample drawn for MixUp with its partner, in place in ``warped``; return the rows
+    with a copy of every row for the sample it is blended into, and their keep mask.
+
+    Every sample lends its image and boxes to exactly one sample (``mixed_into``); the partner's
+    weight is ``1 - lam``, exactly 0 (own image unchanged) where MixUp is off.
+    """
+    batch = warped.shape[0]
+    weight = torch.where(s.use_mixup, 1.0 - s.lam, 0.0).to(warped.dtype).view(batch, 1, 1, 1)
+    warped.lerp_(warped.index_select(0, s.mix_partner), weight)
+    into = s.mixed_into.index_select(0, rows[:, 0].long())
+    rows = torch.cat([rows, torch.cat([into.unsqueeze(1).to(torch.float32), rows[:, 1:]], 1)], 0)
+    return rows, torch.cat([keep, keep & s.use_mixup.index_select(0, into)], 0)
+
+
 def augment_batch(
     rgb: Tensor | None,
     event: Tensor | None,
@@ -454,113 +624,20 @@ def augment_batch(
     reads a device value on the host (targets in host memory are checked before the copy).
     """
     batch, h, w, device = _check_images(rgb, event)
-    out_h, out_w = _check_out_hw(out_hw)
+    out_hw = _check_out_hw(out_hw)
     targets, row_ok = _check_targets(targets, batch, device)
     do_mosaic = bool(cfg.mosaic and special)
     do_mixup = bool(cfg.mixup and special and batch > 1)
-    draw = _Draw(generator, device)
-    f64 = torch.float64
-
-    # --- per-sample random decisions -------------------------------------------------------------
-    use_mosaic = draw.bernoulli(batch, cfg.mosaic_prob) & do_mosaic
-    partners, partner_of = _cyclic_partners(draw, batch, 3)  # (3, B): tiles 1-3
-    centre = draw.uniform((batch, 2), 0.5, 1.5)  # Mosaic centre in units of (w, h) of one tile
-    scale = draw.uniform((batch,), 1.0 - cfg.scale, 1.0 + cfg.scale)
-    angle = draw.uniform((batch,), -cfg.degrees, cfg.degrees) * (math.pi / 180.0)
-    shear = (draw.uniform((batch, 2), -cfg.shear, cfg.shear) * (math.pi / 180.0)).tan()
-    shift = draw.uniform((batch, 2), -cfg.translate, cfg.translate)  # in units of the output size
-    flip = draw.bernoulli(batch, cfg.fliplr)
-    use_mixup = draw.bernoulli(batch, cfg.mixup_prob) & do_mixup
-    mix_partner, mixed_into = (x[0] for x in _cyclic_partners(draw, batch, 1))
-    lam = draw.beta_sym(batch, MIXUP_BETA)
-    hsv_gains = torch.stack(
-        [
-            draw.uniform((batch,), -cfg.hsv_h, cfg.hsv_h),
-            draw.uniform((batch,), 1.0 - cfg.hsv_s, 1.0 + cfg.hsv_s),
-            draw.uniform((batch,), 1.0 - cfg.hsv_v, 1.0 + cfg.hsv_v),
-        ],
-        1,
-    )
-
-    # --- one affine matrix per sample: store/canvas pixels -> output pixels ----------------------
-    # base(p) = r * p + q fits the source to the output (letterbox for a single image, a window
-    # around the Mosaic centre for a canvas); L = flip @ shear @ rotation * scale acts around the
-    # output centre o; then the random shift t.  out = L @ (base(p) - o) + o + t
-    r, pad_x, pad_y = letterbox_params((h, w), (out_h, out_w))
-    ox, oy = out_w / 2, out_h / 2
-    q_o = torch.stack(  # q - o
-        [
-            torch.where(use_mosaic, centre[:, 0] * (-r * w), pad_x - ox),
-            torch.where(use_mosaic, centre[:, 1] * (-r * h), pad_y - oy),
-        ],
-        1,
-    )
-    o_t = torch.stack([shift[:, 0] * out_w + ox, shift[:, 1] * out_h + oy], 1)  # o + t
-    cos, sin = angle.cos(), angle.sin()
-    rot = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
-    ones = torch.ones(batch, dtype=f64, device=device)
-    shr = torch.stack([torch.stack([ones, shear[:, 0]], 1), torch.stack([shear[:, 1], ones], 1)], 1)
-    lin = shr @ rot * scale.view(batch, 1, 1)
-    lin[:, 0] = torch.where(flip.unsqueeze(1), -lin[:, 0], lin[:, 0])
-    offset = (lin @ q_o.unsqueeze(-1)).squeeze(-1) + o_t
-    fwd = torch.cat([lin * r, offset.unsqueeze(-1)], 2)  # (B, 2, 3)
-
-    # --- images: one warp per sample from its canvas (own image only without Mosaic) ------------
-    if do_mosaic:
-        tiles = torch.cat([torch.arange(batch, device=device).view(1, batch), partners], 0).t()
-        src, fill = _mosaic_canvas(rgb, event, tiles, use_mosaic)
-    else:
-        src, fill = _stack_source(rgb, event)
-    warped = _warp(src, _invert(fwd), (out_h, out_w), canvas=do_mosaic)
-    del src
-
-    # --- boxes: a fixed number of copies per target, same matrices -------------------------------
-    # copy 0: the own image (tile 0 of its own sample); copy k (Mosaic): tile k of the sample whose
-    # partner k the image is. Unused copies are marked invalid instead of removed.
-    m = targets.shape[0]
-    img = targets[:, 0].nan_to_num(nan=0.0).clamp(0, batch - 1).long()
-    if do_mosaic:
-        sample = torch.cat([img.view(1, m), partner_of.gather(1, img.view(1, m).expand(3, m))], 0)
-        shown = torch.cat([row_ok.view(1, m), use_mosaic[sample[1:]] & row_ok.view(1, m)], 0)
-        k = torch.arange(4, device=device, dtype=torch.float32).view(4, 1)
-        dx, dy = (k % 2) * w, (k // 2) * h
-        boxes = targets[:, 2:6].unsqueeze(0) + torch.stack([dx, dy, dx, dy], 2)  # (4, M, 4)
-    else:
-        sample, shown, boxes = img.view(1, m), row_ok.view(1, m), targets[:, 2:6].unsqueeze(0)
-    sample, shown, boxes = sample.reshape(-1), shown.reshape(-1), boxes.reshape(-1, 4)
-    classes = targets[:, 1:2].repeat(4 if do_mosaic else 1, 1)
-    boxes = _transform_boxes(boxes, fwd.to(torch.float32).index_select(0, sample))
-    full_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, out_w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0.0, out_h)
-    bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    keep = (
-        shown
-        & (bw >= cfg.min_box_size)
-        & (bh >= cfg.min_box_size)
-        & (bw > 0)
-        & (bh > 0)
-        & (bw * bh >= cfg.min_box_area_ratio * full_area)
-    )
-    rows = torch.cat([sample.unsqueeze(1).to(torch.float32), classes, boxes], 1)
-
-    # --- MixUp with another augmented sample: every sample lends its image and boxes to exactly one
-    # sample (``mixed_into``), which blends them in when drawn for MixUp --------------------------
+    s = _draw_samples(_Draw(generator, device), batch, cfg, do_mosaic, do_mixup)
+    fwd = _affine(s, (h, w), out_hw)
+    warped, fill = _warp_samples(rgb, event, s, fwd, out_hw, do_mosaic)
+    rows, keep = _box_rows(targets, row_ok, s, fwd, (h, w), out_hw, cfg, do_mosaic)
     if do_mixup:
-        # weight of the partner: 1 - lam, exactly 0 (own image unchanged) where MixUp is off
-        weight = torch.where(use_mixup, 1.0 - lam, 0.0).to(warped.dtype).view(batch, 1, 1, 1)
-        warped.lerp_(warped.index_select(0, mix_partner), weight)
-        into = mixed_into.index_select(0, sample)
-        rows = torch.cat([rows, torch.cat([into.unsqueeze(1).to(torch.float32), rows[:, 1:]], 1)], 0)
-        keep = torch.cat([keep, keep & use_mixup.index_select(0, into)], 0)
-
+        rows, keep = _mixup(warped, rows, keep, s)
     out_rgb, out_event = _to_outputs(warped, fill, rgb is not None, event is not None)
     del warped
-
-    # --- HSV on RGB only --------------------------------------------------------------------------
-    if out_rgb is not None and (cfg.hsv_h or cfg.hsv_s or cfg.hsv_v):
-        out_rgb = _hsv_jitter(out_rgb, hsv_gains)
-
+    if out_rgb is not None and (cfg.hsv_h or cfg.hsv_s or cfg.hsv_v):  # HSV on RGB only
+        out_rgb = _hsv_jitter(out_rgb, s.hsv_gains)
     # boxes first, sorted by image; invalid rows last
     order = torch.where(keep, rows[:, 0], float(batch)).argsort(stable=True)
     return out_rgb, out_event, _mark_invalid(rows, keep).index_select(0, order)
