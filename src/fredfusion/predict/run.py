@@ -171,13 +171,17 @@ def predict(
     n_frames = len(outs.entries)
     if n_frames == 0:
         raise ValueError(f"{src.path}: no frames could be read")
-    settings = {
-        "weights": str(weights),
-        "source": str(src.path),
-        "source_kind": src.kind,
-        "modality": modality,
-    }
-    outs.write_json({**settings, "input_shape": list(input_hw), "conf": conf, "iou": iou})
+    outs.write_json(
+        {
+            "weights": str(weights),
+            "source": str(src.path),
+            "source_kind": src.kind,
+            "modality": modality,
+            "input_shape": list(input_hw),
+            "conf": conf,
+            "iou": iou,
+        }
+    )
     video_path = outs.checked_video(log)
     fps = n_frames / elapsed if elapsed > 0 else 0.0
     infer_fps = n_frames / infer_s if infer_s > 0 else 0.0
