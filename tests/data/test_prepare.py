@@ -12,7 +12,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from fredfusion.data import prepare as prepare_mod
-from fredfusion.data import store as store_mod
+from fredfusion.data import frames as frames_mod
 from fredfusion.data.coco import load_coco
 from fredfusion.data.fred import FredError
 from fredfusion.data.prepare import detect_frame_size, gc_paused, prepare, store_size
@@ -249,7 +249,7 @@ def test_prepare_reports_and_excludes_every_bad_frame_kind(
             return img[:, :, :2]
         return img
 
-    monkeypatch.setattr(store_mod.cv2, "imdecode", decode)
+    monkeypatch.setattr(frames_mod.cv2, "imdecode", decode)
     # a frame deleted after the scan, before the store build reads it
     real_build = prepare_mod.build_store
 

@@ -15,7 +15,7 @@ root = Path(sys.argv[1])
 torch.zeros(64, 64) @ torch.zeros(64, 64)
 write_sample(root / "fred", sequences=3, frames=8, width=320, height=180, seed=2)
 summary = prepare(root / "fred", root / "prepared", imgsz=128, workers=2, progress=False, log=lambda m: None)
-print("images", sum(1 for _ in (root / "prepared" / "store").glob("seq_*.json")))
+print("images", sum(1 for _ in (root / "prepared" / "store").glob("seq_*.rgb.json")))
 """
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from fredfusion.data.frames import BadFrameError, read_frame
 from fredfusion.data.paths import resolve_under
-from fredfusion.data.store import MANIFEST_NAME, FrameStore
+from fredfusion.data.store import MANIFEST_NAME, EncodedFrames, FrameStore
 from fredfusion.spec import FRAME_KINDS, check_modality, frames_for
 
 PAIRS_CHOICES = ("required", "dual", "any")
@@ -25,7 +25,8 @@ class FrameBatch:
 
     ``bad`` marks images that could not be read when loading with ``skip_bad`` (their frames are
     zeros, their boxes empty, their has_* flags False); ``problems`` lists (image id, file, reason)
-    for each of them.
+    for each of them. ``encoded`` holds the frame kinds loaded undecoded (for decoding on the device;
+    a bad image's frame is empty there); their arrays in ``rgb`` / ``event`` are zeros.
     """
 
     ids: np.ndarray
@@ -36,6 +37,7 @@ class FrameBatch:
     has_event: np.ndarray
     bad: np.ndarray | None = None
     problems: list[tuple[int, str, str]] = field(default_factory=list)
+    encoded: dict[str, EncodedFrames] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.bad is None:
@@ -229,6 +231,7 @@ class PreparedDataset:
         modalities: tuple[str, ...] | None = None,
         out: dict[str, np.ndarray] | None = None,
         skip_bad: bool | None = None,
+        encoded: tuple[str, ...] = (),
     ) -> FrameBatch:
         """Frames and boxes of ``ids`` (rows in that order) from the store, decoding as a fallback.
 
@@ -236,11 +239,14 @@ class PreparedDataset:
         their has_* flags are False. ``out`` optionally gives preallocated (B, H, W, 3) uint8
         arrays per modality to fill. ``skip_bad`` (default: the dataset's) turns an unreadable image
         into zeros without boxes, marked in ``bad`` and described in ``problems``; otherwise it
-        raises an error naming the file.
+        raises an error naming the file. ``encoded`` names modalities to return as checked encoded
+        bytes (``FrameBatch.encoded``) instead of decoding them: see ``device_decodable``.
         """
         skip = self.skip_bad if skip_bad is None else bool(skip_bad)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         mods = frames_for(self.modality) if modalities is None else tuple(modalities)
+        if encoded:
+            return self._load_encoded(ids, mods, out, skip, tuple(encoded))
         pos = np.asarray([self._pos(i) for i in ids], dtype=np.int64)
         h, w = self.store_hw
         bad = np.zeros(len(ids), dtype=bool)
@@ -288,6 +294,51 @@ class PreparedDataset:
             bad=bad,
             problems=problems,
         )
+
+    def device_decodable(self, kinds: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """The frame kinds (of ``kinds``, default the dataset's) whose frames every image of the split
+        has in the store as JPEG: those a loader may hand to the device undecoded."""
+        kinds = frames_for(self.modality) if kinds is None else kinds
+        if self.store is None or not self.store.has(self.ids).all():
+            return ()
+        return tuple(k for k in kinds if k in self.store.kinds and self.store.codecs[k].name == "jpeg")
+
+    def _load_encoded(
+        self,
+        ids: np.ndarray,
+        mods: tuple[str, ...],
+        out: dict[str, np.ndarray] | None,
+        skip: bool,
+        encoded: tuple[str, ...],
+    ) -> FrameBatch:
+        """``load`` with the ``encoded`` kinds as checked bytes, the others decoded."""
+        if self.store is None or not self.store.has(ids).all():
+            raise ValueError(f"encoded frames need every image in the frame store {self.store_dir}")
+        decoded = tuple(m for m in mods if m not in encoded)
+        batch = self.load(ids, decoded, out, skip)
+        bad, problems = batch.bad, list(batch.problems)
+        for kind in encoded:
+            frames, kind_bad, found = self.store.read_encoded(ids, kind)
+            if found and not skip:
+                image, path, reason = found[0]
+                raise OSError(
+                    f"frame store file {path}: image {image}: {reason}; run `fredfusion prepare` again"
+                )
+            new = kind_bad & ~bad
+            problems += [p for p in found if p[0] in set(ids[new].tolist())]
+            bad = bad | kind_bad
+            batch.encoded[kind] = frames
+        for frames in batch.encoded.values():
+            frames.sizes[bad] = 0
+        for kind in decoded:
+            getattr(batch, kind)[bad] = 0
+        pos = np.asarray([self._pos(i) for i in ids], dtype=np.int64)
+        no_boxes = np.zeros((0, 4), dtype=np.float32)
+        batch.boxes = [no_boxes if b else box for box, b in zip(batch.boxes, bad.tolist())]
+        batch.has_rgb = self.has_rgb[pos] & ("rgb" in mods) & ~bad
+        batch.has_event = self.has_event[pos] & ("event" in mods) & ~bad
+        batch.bad, batch.problems = bad, problems
+        return batch
 
     def _decode_skipping(
         self,

@@ -53,10 +53,13 @@ def read_bytes(path: Path) -> bytes:
     return data
 
 
-def decode_image(data: bytes, path: Path | str, allow_16bit: bool = False) -> np.ndarray:
-    """Decode image bytes to ``(H, W, 3)`` uint8 RGB: gray frames are replicated to 3 channels and
-    an alpha plane is dropped. 16-bit images are an error unless ``allow_16bit`` (then scaled to 8
-    bits). Truncated JPEG / PNG data is an error even when the decoder would accept it."""
+def decode_image(
+    data: bytes, path: Path | str, allow_16bit: bool = False, keep_gray: bool = False
+) -> np.ndarray:
+    """Decode image bytes to ``(H, W, 3)`` uint8 RGB: gray frames are replicated to 3 channels (kept as
+    ``(H, W, 1)`` with ``keep_gray``) and an alpha plane is dropped. 16-bit images are an error unless
+    ``allow_16bit`` (then scaled to 8 bits). Truncated JPEG / PNG data is an error even when the
+    decoder would accept it."""
     reason = _truncation_reason(data)
     if reason:
         raise BadFrameError(path, reason)
@@ -69,7 +72,8 @@ def decode_image(data: bytes, path: Path | str, allow_16bit: bool = False) -> np
         raise BadFrameError(path, f"unsupported pixel type {img.dtype} (expected 8-bit)")
     channels = 1 if img.ndim == 2 else img.shape[2]
     if channels == 1:  # grayscale event frames in some copies: replicate to 3 channels
-        return cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2RGB)
+        gray = img.reshape(img.shape[:2])
+        return gray[..., None] if keep_gray else cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
     if channels == 4:  # PNG with alpha: the alpha plane is dropped
         return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     if channels != 3:
@@ -77,9 +81,9 @@ def decode_image(data: bytes, path: Path | str, allow_16bit: bool = False) -> np
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def read_image(path: Path, allow_16bit: bool = False) -> np.ndarray:
+def read_image(path: Path, allow_16bit: bool = False, keep_gray: bool = False) -> np.ndarray:
     """Read and decode one image file to ``(H, W, 3)`` uint8 RGB (see :func:`decode_image`)."""
-    return decode_image(read_bytes(Path(path)), path, allow_16bit)
+    return decode_image(read_bytes(Path(path)), path, allow_16bit, keep_gray)
 
 
 def resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -87,17 +91,21 @@ def resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     if img.shape[:2] == tuple(hw):
         return img
     shrink = hw[0] < img.shape[0] or hw[1] < img.shape[1]
-    return cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    out = cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return out.reshape(*hw, img.shape[2]) if img.ndim == 3 else out
 
 
-def read_frame(path: Path, width: int, height: int, orig_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode one source frame and resize it to ``(height, width, 3)`` uint8 RGB (``INTER_AREA``).
+def read_frame(
+    path: Path, width: int, height: int, orig_size: tuple[int, int] | None = None, keep_gray: bool = False
+) -> np.ndarray:
+    """Decode one source frame and resize it to ``(height, width, 3)`` uint8 RGB (``INTER_AREA``);
+    a gray source stays ``(height, width, 1)`` with ``keep_gray``.
 
     ``orig_size`` is the expected (width, height) of the source; a different size is an error.
     Raises BadFrameError(path, reason) for missing, zero-byte, truncated, undecodable,
     wrong-size, wrong-channel-count or unreadable files.
     """
-    img = read_image(Path(path))
+    img = read_image(Path(path), keep_gray=keep_gray)
     h, w = img.shape[:2]
     if orig_size is not None and (w, h) != (int(orig_size[0]), int(orig_size[1])):
         raise BadFrameError(path, f"wrong size {w}x{h} (expected {orig_size[0]}x{orig_size[1]})")

@@ -9,6 +9,11 @@ Images the dataset cannot read (``PreparedDataset(skip_bad=True)``: a frame stor
 prepare, a corrupt source frame) arrive as zeros without boxes; each batch carries their mask
 (``DeviceBatch.bad``, on the host) and descriptions (``DeviceBatch.problems``), so the counts cross
 from the worker processes to the training loop with the batch and cost no device sync.
+
+Where frames are decoded (``decode``): by default the store's JPEG frames of a batch bound for a GPU
+cross the main process as their encoded bytes and are decoded there on the device in one batched
+call, one batch ahead on the copy stream (``data.device_decode``); on a CPU, or with
+``decode="workers"``, the loader workers decode into the batch buffers.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from fredfusion.data.dataset import PreparedDataset
+from fredfusion.data.store import EncodedFrames
 from fredfusion.spec import frames_for
 
 _DEVICE_KEYS = ("rgb", "event", "targets")
+DECODE_CHOICES = ("auto", "device", "workers")
 
 
 @dataclass
@@ -102,7 +109,8 @@ class _BatchSource(Dataset):
 
     def __init__(self, loader: BatchLoader) -> None:
         self.dataset = loader.dataset
-        self.modalities = frames_for(loader.dataset.modality)
+        self.encoded = loader.device_kinds
+        self.modalities = tuple(m for m in frames_for(loader.dataset.modality) if m not in self.encoded)
         self.batch_size = loader.batch_size
         self.pin = loader.device.type == "cuda"
         self.params = dict(
@@ -125,7 +133,11 @@ class _BatchSource(Dataset):
         ids = self.dataset.ids[pos]
         h, w = self.dataset.store_hw
         frames = {m: _host_buffer((len(ids), h, w, 3), self.pin) for m in self.modalities}
-        fb = self.dataset.load(ids, self.modalities, out={m: t.numpy() for m, t in frames.items()})
+        out = {m: t.numpy() for m, t in frames.items()}
+        if self.encoded:
+            fb = self.dataset.load(ids, (*self.modalities, *self.encoded), out=out, encoded=self.encoded)
+        else:
+            fb = self.dataset.load(ids, self.modalities, out=out)
         counts = [len(b) for b in fb.boxes]
         targets = np.zeros((sum(counts), 6), dtype=np.float32)
         if targets.shape[0]:
@@ -138,6 +150,8 @@ class _BatchSource(Dataset):
             "problems": [list(p) for p in fb.problems],
         }
         item.update(frames)
+        for kind, enc in fb.encoded.items():
+            item[f"{kind}_encoded"] = (torch.from_numpy(enc.data), torch.from_numpy(enc.sizes))
         return item
 
 
@@ -182,6 +196,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         max_batches: int | None = None,
+        decode: str = "auto",
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -203,9 +218,19 @@ class BatchLoader:
         self.rank = rank
         self.world_size = world_size
         self.max_batches = max_batches
+        self.device_kinds = self._device_kinds(decode)
         self.epoch = 0
         self._sampler = _EpochSampler(len(self))
         self._loader: DataLoader | None = None
+
+    def _device_kinds(self, decode: str) -> tuple[str, ...]:
+        """The frame kinds decoded on the device: ``auto`` decodes the store's JPEG frames on a GPU and
+        everything in the loader workers on a CPU; ``device`` / ``workers`` force one place."""
+        if decode not in DECODE_CHOICES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
+        if decode == "workers" or (decode == "auto" and self.device.type != "cuda"):
+            return ()
+        return self.dataset.device_decodable()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose (seed, epoch) permutation the next iteration uses."""
@@ -257,14 +282,28 @@ class BatchLoader:
                 return
             yield self._to_batch(item, wait_s)
 
-    def _to_batch(self, item: dict[str, Any], wait_s: float) -> DeviceBatch:
+    def _decode(self, item: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The encoded frame kinds of ``item`` decoded on the device, ``(B, 3, H, W)`` uint8."""
+        from fredfusion.data.device_decode import decode_frames
+
+        out = {}
+        for kind in self.device_kinds:
+            data, sizes = item[f"{kind}_encoded"]
+            frames = EncodedFrames(self.dataset.store.codecs[kind], data, np.zeros(0), sizes.numpy())
+            out[kind] = decode_frames(frames, self.dataset.store_hw, self.device)
+        return out
+
+    def _to_batch(
+        self, item: dict[str, Any], wait_s: float, decoded: dict[str, torch.Tensor] | None = None
+    ) -> DeviceBatch:
         def nchw(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.permute(0, 3, 1, 2)
 
+        decoded = decoded if decoded is not None else (self._decode(item) if self.device_kinds else {})
         return DeviceBatch(
             ids=item["ids"],
-            rgb=nchw(item.get("rgb")),
-            event=nchw(item.get("event")),
+            rgb=decoded["rgb"] if "rgb" in decoded else nchw(item.get("rgb")),
+            event=decoded["event"] if "event" in decoded else nchw(item.get("event")),
             targets=item["targets"],
             wait_s=wait_s,
             bad=item.get("bad"),
@@ -285,15 +324,16 @@ class BatchLoader:
                 moved = {
                     k: (v.to(device, non_blocking=True) if k in _DEVICE_KEYS else v) for k, v in item.items()
                 }
-            return moved, wait_s
+                decoded = self._decode(item) if self.device_kinds else {}
+            return moved, decoded, wait_s
 
         nxt = fetch()
         while nxt is not None:
-            cur, wait_s = nxt
+            cur, decoded, wait_s = nxt
             main = torch.cuda.current_stream(device)
             main.wait_stream(stream)
-            for k, v in cur.items():
+            for k, v in [*cur.items(), *decoded.items()]:
                 if k in _DEVICE_KEYS:
                     v.record_stream(main)
-            nxt = fetch()  # issue the next copy before handing out this batch
-            yield self._to_batch(cur, wait_s)
+            nxt = fetch()  # issue the next copy and decode before handing out this batch
+            yield self._to_batch(cur, wait_s, decoded)
