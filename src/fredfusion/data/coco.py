@@ -23,22 +23,8 @@ _REQUIRED_KEYS = ("images", "annotations", "categories")
 _NAME_KEYS = ("file_name", "rgb_file_name", "event_file_name")  # relative to info.fred_root
 
 
-def build_coco(
-    images: Sequence[PairedImage],
-    split_name: str,
-    info: dict[str, Any],
-    frame_size: tuple[int, int] = (FRAME_WIDTH, FRAME_HEIGHT),
-    ann_id_start: int = 1,
-) -> dict[str, Any]:
-    """Build a COCO dict for one split.
-
-    Every image must carry its final ``image_id`` (>= 0, unique). ``width``/``height`` are the
-    original frame size ``frame_size``; ``file_name`` is the RGB file name when there is one,
-    else the event file name (both relative to the FRED root, also given separately).
-    Annotation ids count up from ``ann_id_start``. ``info`` is copied into the ``info`` entry
-    together with ``split``.
-    """
-    width, height = int(frame_size[0]), int(frame_size[1])
+def _coco_images(images: Sequence[PairedImage], width: int, height: int) -> list[dict[str, Any]]:
+    """The ``images`` entries; ValueError for an image without an id or an id used twice."""
     coco_images: list[dict[str, Any]] = []
     ids: list[int] = []
     for img in images:
@@ -77,35 +63,57 @@ def build_coco(
         im["time_s"] = t
         if im["time_diff_ms"] is not None:
             im["time_diff_ms"] = dt
+    return coco_images
 
+
+def _coco_annotations(images: Sequence[PairedImage], ann_id_start: int) -> list[dict[str, Any]]:
+    """The ``annotations`` entries (boxes as ``xywh``), ids counting up from ``ann_id_start``."""
     with_boxes = [img for img in images if len(img.boxes)]
-    annotations: list[dict[str, Any]] = []
-    if with_boxes:
-        boxes = np.concatenate([img.boxes for img in with_boxes]).astype(np.float64)
-        xywh = boxes.copy()
-        xywh[:, 2:] -= boxes[:, :2]
-        area = np.round(xywh[:, 2] * xywh[:, 3], 3).tolist()
-        xywh = np.round(xywh, 3).tolist()
-        owners = [int(img.image_id) for img in with_boxes for _ in range(len(img.boxes))]
-        tids = np.concatenate([img.track_ids for img in with_boxes]).tolist()
-        models = [m for img in with_boxes for m in img.drone_models]
-        for k, (bbox, a, image_id, tid, model) in enumerate(zip(xywh, area, owners, tids, models)):
-            annotations.append(
-                {
-                    "id": ann_id_start + k,
-                    "image_id": image_id,
-                    "bbox": bbox,
-                    "area": a,
-                    "iscrowd": 0,
-                    "category_id": 1,
-                    "track_id": tid,
-                    "drone_model": model,
-                }
-            )
+    if not with_boxes:
+        return []
+    boxes = np.concatenate([img.boxes for img in with_boxes]).astype(np.float64)
+    xywh = boxes.copy()
+    xywh[:, 2:] -= boxes[:, :2]
+    area = np.round(xywh[:, 2] * xywh[:, 3], 3).tolist()
+    xywh = np.round(xywh, 3).tolist()
+    owners = [int(img.image_id) for img in with_boxes for _ in range(len(img.boxes))]
+    tids = np.concatenate([img.track_ids for img in with_boxes]).tolist()
+    models = [m for img in with_boxes for m in img.drone_models]
+    return [
+        {
+            "id": ann_id_start + k,
+            "image_id": image_id,
+            "bbox": bbox,
+            "area": a,
+            "iscrowd": 0,
+            "category_id": 1,
+            "track_id": tid,
+            "drone_model": model,
+        }
+        for k, (bbox, a, image_id, tid, model) in enumerate(zip(xywh, area, owners, tids, models))
+    ]
+
+
+def build_coco(
+    images: Sequence[PairedImage],
+    split_name: str,
+    info: dict[str, Any],
+    frame_size: tuple[int, int] = (FRAME_WIDTH, FRAME_HEIGHT),
+    ann_id_start: int = 1,
+) -> dict[str, Any]:
+    """Build a COCO dict for one split.
+
+    Every image must carry its final ``image_id`` (>= 0, unique). ``width``/``height`` are the
+    original frame size ``frame_size``; ``file_name`` is the RGB file name when there is one,
+    else the event file name (both relative to the FRED root, also given separately).
+    Annotation ids count up from ``ann_id_start``. ``info`` is copied into the ``info`` entry
+    together with ``split``.
+    """
+    coco_images = _coco_images(images, int(frame_size[0]), int(frame_size[1]))
     return {
         "info": {**info, "split": split_name},
         "images": coco_images,
-        "annotations": annotations,
+        "annotations": _coco_annotations(images, ann_id_start),
         "categories": [dict(c) for c in CATEGORIES],
     }
 

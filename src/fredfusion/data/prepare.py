@@ -29,13 +29,20 @@ from fredfusion.data.fred import (
     FRAME_WIDTH,
     RGB_DIRS,
     FredError,
+    FredScan,
     SequenceIndex,
     read_sequence,
     scan_root,
 )
-from fredfusion.data.pairing import DUAL, PairedSequence, PairingStats, pair_sequence
-from fredfusion.data.splits import SPLIT_NAMES, plan_splits
-from fredfusion.data.store import FrameRecord, build_store
+from fredfusion.data.pairing import (
+    DUAL,
+    PairedSequence,
+    PairingStats,
+    check_pairing_settings,
+    pair_sequence,
+)
+from fredfusion.data.splits import SPLIT_NAMES, SplitPlan, plan_splits
+from fredfusion.data.store import FrameRecord, StoreReport, build_store
 
 __all__ = [
     "MAX_PRINTED_PROBLEMS",
@@ -220,6 +227,214 @@ def format_table(rows: list[dict[str, Any]], overall: dict[str, Any]) -> str:
     return "\n".join([line(header), sep, *(line(b) for b in body), sep, line(last)])
 
 
+_Indexed = list[tuple[SequenceIndex, PairedSequence]]
+_OVERALL_SUMS = (
+    "boxes",
+    "clipped",
+    "malformed",
+    "dropped_empty",
+    "duplicates",
+    "unmatched_boxes",
+    "images",
+    "excluded_bad",
+)
+
+
+def _scan(fred_root: Path) -> FredScan:
+    """The sequence folders of ``fred_root``; FredError when there are none or some are still zipped."""
+    scan = scan_root(Path(fred_root))
+    root = scan.root
+    if scan.zipped:
+        names = ", ".join(str(p) for p in scan.zipped)
+        raise FredError(
+            f"{root}: {len(scan.zipped)} sequence(s) are still zipped; unzip these first: {names}"
+        )
+    if not scan.sequences:
+        raise FredError(
+            f"{root}: no sequence folders found "
+            "(expected <root>/<id>/ or <root>/train/<id>/, <root>/test/<id>/)"
+        )
+    return scan
+
+
+def _frame_size(scan: FredScan, frame_size: tuple[int, int] | None, warnings: list[str]) -> tuple[int, int]:
+    """``frame_size`` as ints, or read from the frames (FRED's size, with a warning, when none decodes)."""
+    if frame_size is None:
+        frame_size = detect_frame_size(list(scan.sequences.values()))
+        if frame_size is None:
+            frame_size = (FRAME_WIDTH, FRAME_HEIGHT)
+            warnings.append(
+                f"could not read a frame to learn the frame size; assuming {FRAME_WIDTH}x{FRAME_HEIGHT}"
+            )
+    frame_w, frame_h = int(frame_size[0]), int(frame_size[1])
+    if frame_w <= 0 or frame_h <= 0:
+        raise ValueError(f"frame_size must be positive, got {frame_size}")
+    return frame_w, frame_h
+
+
+def _index(
+    scan: FredScan,
+    frame_size: tuple[int, int],
+    tolerance_ms: float,
+    stride: int,
+    problems: list[str],
+    progress: bool,
+) -> _Indexed:
+    """Index and pair every readable sequence (an unreadable one is a problem); FredError when none is."""
+    frame_w, frame_h = frame_size
+    indexed: _Indexed = []
+    for seq_id, seq_dir in tqdm(scan.sequences.items(), desc="index", unit="seq", disable=not progress):
+        try:
+            seq = read_sequence(seq_dir, scan.root, frame_w, frame_h)
+        except (OSError, FredError) as exc:
+            problems.append(f"{seq_dir}: sequence {seq_id} skipped ({exc})")
+            continue
+        problems.extend(seq.problems)
+        indexed.append((seq, pair_sequence(seq, tolerance_ms, stride)))
+    if not indexed:
+        raise FredError(f"{scan.root}: no readable sequence folder")
+    return indexed
+
+
+def _split(
+    indexed: _Indexed,
+    split: str,
+    val_fraction: float,
+    seed: int,
+    warnings: list[str],
+    log: Callable[[str], None],
+) -> tuple[SplitPlan, dict[str, _Indexed]]:
+    """Split the sequences (see ``splits.plan_splits``), log all warnings so far, and group the
+    sequences by split."""
+    plan = plan_splits([s.seq_id for s, _ in indexed], split, val_fraction, seed)
+    warnings.extend(plan.warnings)
+    for w in warnings:
+        log(f"warning: {w}")
+    by_split: dict[str, _Indexed] = {s: [] for s in SPLIT_NAMES}
+    for seq, paired in indexed:
+        by_split[plan.assignment[seq.seq_id]].append((seq, paired))
+    return plan, by_split
+
+
+def _frame_records(by_split: dict[str, _Indexed], root: Path) -> list[FrameRecord]:
+    """Give every image its id, unique over all splits (train, val, test; sequences by id; time order),
+    and list the frames the store holds for it."""
+    records: list[FrameRecord] = []
+    next_id = 1
+    for name in SPLIT_NAMES:
+        for seq, paired in by_split[name]:
+            for img in paired.images:
+                img.image_id = next_id
+                next_id += 1
+                records.append(
+                    FrameRecord(
+                        image_id=img.image_id,
+                        sequence_id=seq.seq_id,
+                        rgb_path=root / img.rgb_file_name if img.rgb_file_name else None,
+                        event_path=root / img.event_file_name if img.event_file_name else None,
+                        orig_size=(seq.width, seq.height),
+                    )
+                )
+    return records
+
+
+def _frame_store(
+    store_dir: Path,
+    records: list[FrameRecord],
+    store_wh: tuple[int, int],
+    workers: int,
+    progress: bool,
+    log: Callable[[str], None],
+) -> StoreReport:
+    """Build (or reuse) the frame store and log what it did, bad frames included."""
+    store_w, store_h = store_wh
+    log(f"frame store {store_dir}: {len(records)} images at {store_w}x{store_h}")
+    report = build_store(store_dir, records, store_w, store_h, workers=workers, progress=progress)
+    log(
+        f"frame store: {report.built_shards} shard(s) built, {report.reused_shards} reused, "
+        f"{report.frames_written} frames written in {report.seconds:.1f} s "
+        f"({report.frames_per_s:.1f} frames/s)"
+    )
+    for image_id, path, reason in report.bad_frames:
+        log(f"bad frame, image {image_id} excluded: {path}: {reason}")
+    return report
+
+
+def _without_bad_frames(report: StoreReport) -> dict[str, Any]:
+    """The store report as a dict, its bad frames left out (the summary lists them on their own)."""
+    return {k: v for k, v in asdict(report).items() if k != "bad_frames"}
+
+
+def _write_annotations(
+    ann_dir: Path,
+    by_split: dict[str, _Indexed],
+    bad_ids: set[int],
+    rows: dict[int, dict[str, Any]],
+    info: dict[str, Any],
+    frame_size: tuple[int, int],
+) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
+    """Write one COCO file per split without the images in ``bad_ids`` (counted in ``rows``);
+    annotation ids run on over the splits. Returns the per-split totals and the files."""
+    split_totals: dict[str, dict[str, Any]] = {}
+    annotation_files: dict[str, Path] = {}
+    ann_id = 1
+    for name in SPLIT_NAMES:
+        images = []
+        for seq, paired in by_split[name]:
+            kept = [img for img in paired.images if img.image_id not in bad_ids]
+            rows[seq.seq_id]["excluded_bad"] = len(paired.images) - len(kept)
+            images.extend(kept)
+        coco = build_coco(images, name, info, frame_size=frame_size, ann_id_start=ann_id)
+        ann_id += len(coco["annotations"])
+        path = ann_dir / f"instances_{name}.json"
+        write_coco(path, coco)
+        annotation_files[name] = path
+        n_dual = sum(1 for img in images if img.pair_status == DUAL)
+        split_totals[name] = {
+            "sequences": len(by_split[name]),
+            "sequence_ids": [seq.seq_id for seq, _ in by_split[name]],
+            "images": len(images),
+            "boxes": len(coco["annotations"]),
+            "dual_share": n_dual / len(images) if images else 0.0,
+            "excluded_bad": sum(rows[seq.seq_id]["excluded_bad"] for seq, _ in by_split[name]),
+        }
+    return split_totals, annotation_files
+
+
+def _overall_row(indexed: _Indexed, seq_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The table row over all sequences: merged pairing statistics and summed counters."""
+    merged = PairingStats.merge(p.stats for _, p in indexed)
+    overall: dict[str, Any] = {"sequence": "all", "split": "", **merged.to_dict()}
+    for key in _OVERALL_SUMS:
+        overall[key] = sum(r[key] for r in seq_rows)
+    return overall
+
+
+def _log_report(
+    log: Callable[[str], None],
+    seq_rows: list[dict[str, Any]],
+    overall: dict[str, Any],
+    split_totals: dict[str, dict[str, Any]],
+    problems: list[str],
+    summary_path: Path,
+) -> None:
+    """Log the pairing table, one line per split and the first problems."""
+    log(format_table(seq_rows, overall))
+    for name in SPLIT_NAMES:
+        t = split_totals[name]
+        log(
+            f"{name:>5}: {t['sequences']} sequences, {t['images']} images, {t['boxes']} boxes, "
+            f"dual {100.0 * t['dual_share']:.1f}%"
+            + (f", {t['excluded_bad']} excluded (bad frames)" if t["excluded_bad"] else "")
+        )
+    if problems:
+        log(f"{len(problems)} problem(s) found:")
+        for msg in problems[:MAX_PRINTED_PROBLEMS]:
+            log(f"  {msg}")
+        if len(problems) > MAX_PRINTED_PROBLEMS:
+            log(f"  ... and {len(problems) - MAX_PRINTED_PROBLEMS} more (see {summary_path})")
+
+
 def prepare(
     fred_root: Path,
     out: Path,
@@ -243,96 +458,23 @@ def prepare(
     Raises :class:`FredError` when the root is missing, holds no sequence folder, or holds
     zipped sequences without an unzipped folder ("unzip these first: ...").
     """
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if tolerance_ms < 0:
-        raise ValueError(f"tolerance_ms must be >= 0, got {tolerance_ms}")
+    check_pairing_settings(stride, tolerance_ms)
     store_size(imgsz)  # checks imgsz before any work
     out = Path(out).expanduser().absolute()
-
-    # 1. scan and index
-    scan = scan_root(Path(fred_root))
+    scan = _scan(fred_root)
     root = scan.root
-    if scan.zipped:
-        names = ", ".join(str(p) for p in scan.zipped)
-        raise FredError(
-            f"{root}: {len(scan.zipped)} sequence(s) are still zipped; unzip these first: {names}"
-        )
-    if not scan.sequences:
-        raise FredError(
-            f"{root}: no sequence folders found "
-            "(expected <root>/<id>/ or <root>/train/<id>/, <root>/test/<id>/)"
-        )
     problems: list[str] = list(scan.problems)
     warnings: list[str] = []
-    if frame_size is None:
-        frame_size = detect_frame_size(list(scan.sequences.values()))
-        if frame_size is None:
-            frame_size = (FRAME_WIDTH, FRAME_HEIGHT)
-            warnings.append(
-                f"could not read a frame to learn the frame size; assuming {FRAME_WIDTH}x{FRAME_HEIGHT}"
-            )
-    frame_w, frame_h = int(frame_size[0]), int(frame_size[1])
-    if frame_w <= 0 or frame_h <= 0:
-        raise ValueError(f"frame_size must be positive, got {frame_size}")
+    frame_w, frame_h = _frame_size(scan, frame_size, warnings)
     store_w, store_h = store_size(imgsz, (frame_w, frame_h))
     log(f"FRED root {root}: {len(scan.sequences)} sequence(s), frames {frame_w}x{frame_h}")
-    indexed: list[tuple[SequenceIndex, PairedSequence]] = []
-    for seq_id, seq_dir in tqdm(scan.sequences.items(), desc="index", unit="seq", disable=not progress):
-        try:
-            seq = read_sequence(seq_dir, root, frame_w, frame_h)
-        except (OSError, FredError) as exc:
-            problems.append(f"{seq_dir}: sequence {seq_id} skipped ({exc})")
-            continue
-        problems.extend(seq.problems)
-        # 2. pair
-        indexed.append((seq, pair_sequence(seq, tolerance_ms, stride)))
-    if not indexed:
-        raise FredError(f"{root}: no readable sequence folder")
+    indexed = _index(scan, (frame_w, frame_h), tolerance_ms, stride, problems, progress)
 
-    # 3. splits
-    plan = plan_splits([s.seq_id for s, _ in indexed], split, val_fraction, seed)
-    warnings.extend(plan.warnings)
-    for w in warnings:
-        log(f"warning: {w}")
+    plan, by_split = _split(indexed, split, val_fraction, seed, warnings, log)
+    records = _frame_records(by_split, root)
+    report = _frame_store(out / "store", records, (store_w, store_h), workers, progress, log)
 
-    # 4. image ids, unique over all splits: train, val, test; sequences by id; time order
-    by_split: dict[str, list[tuple[SequenceIndex, PairedSequence]]] = {s: [] for s in SPLIT_NAMES}
-    for seq, paired in indexed:
-        by_split[plan.assignment[seq.seq_id]].append((seq, paired))
-    records: list[FrameRecord] = []
-    next_id = 1
-    for name in SPLIT_NAMES:
-        for seq, paired in by_split[name]:
-            for img in paired.images:
-                img.image_id = next_id
-                next_id += 1
-                records.append(
-                    FrameRecord(
-                        image_id=img.image_id,
-                        sequence_id=seq.seq_id,
-                        rgb_path=root / img.rgb_file_name if img.rgb_file_name else None,
-                        event_path=root / img.event_file_name if img.event_file_name else None,
-                        orig_size=(seq.width, seq.height),
-                    )
-                )
-
-    # 5. frame store
-    log(f"frame store {out / 'store'}: {len(records)} images at {store_w}x{store_h}")
-    report = build_store(out / "store", records, store_w, store_h, workers=workers, progress=progress)
-    log(
-        f"frame store: {report.built_shards} shard(s) built, {report.reused_shards} reused, "
-        f"{report.frames_written} frames written in {report.seconds:.1f} s "
-        f"({report.frames_per_s:.1f} frames/s)"
-    )
-
-    # 6. drop images with bad frames, write COCO files
-    bad_ids = {int(b[0]) for b in report.bad_frames}
-    for image_id, path, reason in report.bad_frames:
-        log(f"bad frame, image {image_id} excluded: {path}: {reason}")
-    rows: dict[int, dict[str, Any]] = {}
-    for seq, paired in indexed:
-        rows[seq.seq_id] = _sequence_row(seq, paired, plan.assignment[seq.seq_id])
+    rows = {seq.seq_id: _sequence_row(seq, paired, plan.assignment[seq.seq_id]) for seq, paired in indexed}
     settings = {
         "split_scheme": split,
         "stride": stride,
@@ -345,68 +487,21 @@ def prepare(
         "val_fraction": val_fraction,
         "seed": seed,
     }
-    info_base = {
+    info = {
         "description": "FRED (Florence RGB-Event Drone dataset) prepared by fredfusion",
         "version": __version__,
         "fred_root": str(root),
         "split_source": plan.source,
         **settings,
     }
-    ann_dir = out / "annotations"
-    split_totals: dict[str, dict[str, Any]] = {}
-    annotation_files: dict[str, Path] = {}
-    ann_id = 1
-    for name in SPLIT_NAMES:
-        images = []
-        for seq, paired in by_split[name]:
-            kept = [img for img in paired.images if img.image_id not in bad_ids]
-            rows[seq.seq_id]["excluded_bad"] = len(paired.images) - len(kept)
-            images.extend(kept)
-        coco = build_coco(images, name, info_base, frame_size=(frame_w, frame_h), ann_id_start=ann_id)
-        ann_id += len(coco["annotations"])
-        path = ann_dir / f"instances_{name}.json"
-        write_coco(path, coco)
-        annotation_files[name] = path
-        n_dual = sum(1 for img in images if img.pair_status == DUAL)
-        split_totals[name] = {
-            "sequences": len(by_split[name]),
-            "sequence_ids": [seq.seq_id for seq, _ in by_split[name]],
-            "images": len(images),
-            "boxes": len(coco["annotations"]),
-            "dual_share": n_dual / len(images) if images else 0.0,
-            "excluded_bad": sum(rows[seq.seq_id]["excluded_bad"] for seq, _ in by_split[name]),
-        }
+    bad_ids = {int(b[0]) for b in report.bad_frames}
+    split_totals, annotation_files = _write_annotations(
+        out / "annotations", by_split, bad_ids, rows, info, (frame_w, frame_h)
+    )
 
-    # 7. report
     seq_rows = [rows[i] for i in sorted(rows)]
-    merged = PairingStats.merge(p.stats for _, p in indexed)
-    overall: dict[str, Any] = {"sequence": "all", "split": "", **merged.to_dict()}
-    for key in (
-        "boxes",
-        "clipped",
-        "malformed",
-        "dropped_empty",
-        "duplicates",
-        "unmatched_boxes",
-        "images",
-        "excluded_bad",
-    ):
-        overall[key] = sum(r[key] for r in seq_rows)
-    log(format_table(seq_rows, overall))
-    for name in SPLIT_NAMES:
-        t = split_totals[name]
-        log(
-            f"{name:>5}: {t['sequences']} sequences, {t['images']} images, {t['boxes']} boxes, "
-            f"dual {100.0 * t['dual_share']:.1f}%"
-            + (f", {t['excluded_bad']} excluded (bad frames)" if t["excluded_bad"] else "")
-        )
-    if problems:
-        log(f"{len(problems)} problem(s) found:")
-        for msg in problems[:MAX_PRINTED_PROBLEMS]:
-            log(f"  {msg}")
-        if len(problems) > MAX_PRINTED_PROBLEMS:
-            log(f"  ... and {len(problems) - MAX_PRINTED_PROBLEMS} more (see {out / SUMMARY_NAME})")
-
+    overall = _overall_row(indexed, seq_rows)
+    _log_report(log, seq_rows, overall, split_totals, problems, out / SUMMARY_NAME)
     summary = PrepareSummary(
         fred_root=root,
         out=out,
@@ -418,12 +513,7 @@ def prepare(
         problems=problems,
         warnings=warnings,
         bad_frames=list(report.bad_frames),
-        store={
-            **{k: v for k, v in asdict(report).items() if k != "bad_frames"},
-            "dir": str(out / "store"),
-            "width": store_w,
-            "height": store_h,
-        },
+        store={**_without_bad_frames(report), "dir": str(out / "store"), "width": store_w, "height": store_h},
         annotation_files=annotation_files,
         settings=settings,
     )
