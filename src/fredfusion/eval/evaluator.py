@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,159 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _modality(model: torch.nn.Module) -> str:
+    """The modality of ``model`` (dual when it does not say)."""
+    return str(getattr(model, "modality", "dual"))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block, its previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _detect(
+    model: torch.nn.Module,
+    rgb: torch.Tensor | None,
+    event: torch.Tensor | None,
+    input_hw: tuple[int, int],
+    nms: tuple[float, float, int],
+    targets: torch.Tensor | None = None,
+    autocast: torch.autocast | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None, tuple[float, float, float]]:
+    """Letterbox uint8 frames into ``input_hw``, run the model (inside ``autocast`` when given), decode
+    and NMS (``nms``: conf, iou, max_det) on the device.
+
+    Returns the kept boxes per image, the float32 raw predictions, the letterboxed ``targets`` and
+    ``(pad_x, pad_y, letterbox scale)``.
+    """
+    _, letterbox_batch, decode, non_max_suppression = _components()
+    rgb_f, event_f, targets_lb, (pad_x, pad_y), lb_scale = letterbox_batch(
+        rgb, event, tuple(input_hw), targets
+    )
+    with autocast if autocast is not None else contextlib.nullcontext():
+        preds = model(rgb_f, event_f)
+    preds = [p.float() for p in preds]
+    out = non_max_suppression(decode(preds, model.anchors, model.strides), *nms)
+    return out, preds, targets_lb, (_num(pad_x), _num(pad_y), _num(lb_scale))
+
+
+@dataclass
+class _Pass:
+    """One evaluation pass over a dataset: its settings and what its batches added up to."""
+
+    model: torch.nn.Module
+    device: torch.device
+    input_hw: tuple[int, int]
+    nms: tuple[float, float, int]
+    amp_dtype: torch.dtype | None
+    loss_fn: Callable | None
+    scale: float  # store pixels per original pixel
+    orig_wh: tuple[int, int]
+    detections: list[dict] = field(default_factory=list)
+    seen_ids: list[np.ndarray] = field(default_factory=list)
+    infer_s: float = 0.0
+    wait_s: float = 0.0
+    loss_sum: torch.Tensor | None = None
+    n_done: int = 0
+
+    def run(self, dataset: Any, n_total: int, batch_size: int, num_workers: int, progress: bool) -> None:
+        """Evaluate the first ``n_total`` images of ``dataset`` in order, ``batch_size`` at a time."""
+        BatchLoader = _components()[0]
+        loader = BatchLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=num_workers,
+            prefetch_factor=2 if num_workers > 0 else None,
+            persistent_workers=False,
+            device=self.device,
+            max_batches=math.ceil(n_total / batch_size),
+        )
+        bar = None
+        try:
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=n_total, desc="eval", unit="img")
+            tick = time.perf_counter()
+            for batch in loader:
+                self.wait_s += time.perf_counter() - tick
+                keep = min(len(batch.ids), n_total - self.n_done)
+                if keep <= 0:
+                    break
+                self.add(batch, keep)
+                if bar is not None:
+                    bar.update(keep)
+                if self.n_done >= n_total:
+                    break
+                tick = time.perf_counter()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def add(self, batch: Any, keep: int) -> None:
+        """Infer the first ``keep`` images of a loader batch; add their detections, ids, loss and time.
+
+        The kept boxes come back in one device-to-host copy.
+        """
+        ids = batch.ids[:keep].cpu().numpy().astype(np.int64)
+        rgb = batch.rgb[:keep] if batch.rgb is not None else None
+        event = batch.event[:keep] if batch.event is not None else None
+        targets = batch.targets
+        if targets is not None and keep < len(batch.ids):
+            targets = targets[targets[:, 0] < keep]
+        rgb, event = model_inputs(_modality(self.model), rgb, event)
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        amp = self.amp_dtype is not None
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp)
+        lb_targets = targets if self.loss_fn is not None else None
+        out, preds, targets_lb, (pad_x, pad_y, lb_scale) = _detect(
+            self.model, rgb, event, self.input_hw, self.nms, lb_targets, autocast
+        )
+        packed = _pack(out, pad_x, pad_y, lb_scale * self.scale, *self.orig_wh)
+        packed_np = packed.cpu().numpy()  # the one device -> host copy of this batch
+        self.infer_s += time.perf_counter() - t0
+
+        self.detections.extend(_to_coco(packed_np, ids))
+        if self.loss_fn is not None:
+            loss, _parts = self.loss_fn(preds, targets_lb)
+            term = loss.detach().float().reshape(-1).sum()  # YoloLoss returns the batch sum
+            self.loss_sum = term if self.loss_sum is None else self.loss_sum + term
+        self.seen_ids.append(ids)
+        self.n_done += keep
+
+    def result(self, coco: dict, compute_map: bool) -> EvalResult:
+        """Metrics of the pass against the images of ``coco`` it saw."""
+        all_ids = np.concatenate(self.seen_ids) if self.seen_ids else np.zeros(0, dtype=np.int64)
+        gt = restrict_gt(coco, all_ids)
+        n_done, loss_sum = self.n_done, self.loss_sum
+        metrics: dict[str, Any] = {
+            "images": int(n_done),
+            "pairs_per_s": n_done / self.infer_s if self.infer_s > 0 else 0.0,
+            "infer_s": self.infer_s,
+            "wait_s": self.wait_s,
+            "val_loss": float(loss_sum.item()) / n_done if loss_sum is not None and n_done else None,
+        }
+        t0 = time.perf_counter()
+        result = None
+        if compute_map:
+            result = coco_map(gt, self.detections)
+            metrics.update(result.stats)
+        else:
+            metrics.update({"mAP50_95": None, "mAP50": None})
+        metrics["metrics_s"] = time.perf_counter() - t0
+        return EvalResult(metrics=metrics, detections=self.detections, gt=gt, coco=result)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -92,101 +246,17 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_images is not None and max_images < 0:
         raise ValueError(f"max_images must be >= 0, got {max_images}")
-    BatchLoader, letterbox_batch, decode, non_max_suppression = _components()
     device = torch.device(device)
-    modality = str(getattr(model, "modality", "dual"))
     orig_h, orig_w = (int(v) for v in dataset.orig_hw)
-    ds_scale = float(dataset.scale)
     n_total = len(dataset.ids) if max_images is None else min(int(max_images), len(dataset.ids))
-
-    was_training = model.training
-    model.eval()
-    detections: list[dict] = []
-    seen_ids: list[np.ndarray] = []
-    infer_s = wait_s = 0.0
-    loss_sum: torch.Tensor | None = None
-    n_done = 0
-    bar = None
-    try:
+    nms = (conf, iou, max_det)
+    run = _Pass(
+        model, device, tuple(input_hw), nms, amp_dtype, loss_fn, float(dataset.scale), (orig_w, orig_h)
+    )
+    with _eval_mode(model):
         if n_total > 0:
-            loader = BatchLoader(
-                dataset,
-                batch_size=batch_size,
-                shuffle=False,
-                drop_last=False,
-                num_workers=num_workers,
-                prefetch_factor=2 if num_workers > 0 else None,
-                persistent_workers=False,
-                device=device,
-                max_batches=math.ceil(n_total / batch_size),
-            )
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=n_total, desc="eval", unit="img")
-            tick = time.perf_counter()
-            for batch in loader:
-                wait_s += time.perf_counter() - tick
-                keep = min(len(batch.ids), n_total - n_done)
-                if keep <= 0:
-                    break
-                ids = batch.ids[:keep].cpu().numpy().astype(np.int64)
-                rgb = batch.rgb[:keep] if batch.rgb is not None else None
-                event = batch.event[:keep] if batch.event is not None else None
-                targets = batch.targets
-                if targets is not None and keep < len(batch.ids):
-                    targets = targets[targets[:, 0] < keep]
-                rgb, event = model_inputs(modality, rgb, event)
-
-                _sync(device)
-                t0 = time.perf_counter()
-                rgb_f, event_f, targets_lb, (pad_x, pad_y), lb_scale = letterbox_batch(
-                    rgb, event, tuple(input_hw), targets if loss_fn is not None else None
-                )
-                amp = amp_dtype is not None
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp):
-                    preds = model(rgb_f, event_f)
-                preds = [p.float() for p in preds]
-                out = non_max_suppression(decode(preds, model.anchors, model.strides), conf, iou, max_det)
-                packed = _pack(out, _num(pad_x), _num(pad_y), _num(lb_scale) * ds_scale, orig_w, orig_h)
-                packed_np = packed.cpu().numpy()  # the one device -> host copy of this batch
-                infer_s += time.perf_counter() - t0
-
-                detections.extend(_to_coco(packed_np, ids))
-                if loss_fn is not None:
-                    loss, _parts = loss_fn(preds, targets_lb)
-                    term = loss.detach().float().reshape(-1).sum()  # YoloLoss returns the batch sum
-                    loss_sum = term if loss_sum is None else loss_sum + term
-                seen_ids.append(ids)
-                n_done += keep
-                if bar is not None:
-                    bar.update(keep)
-                if n_done >= n_total:
-                    break
-                tick = time.perf_counter()
-    finally:
-        model.train(was_training)
-        if bar is not None:
-            bar.close()
-
-    all_ids = np.concatenate(seen_ids) if seen_ids else np.zeros(0, dtype=np.int64)
-    gt = restrict_gt(dataset.coco, all_ids)
-    metrics: dict[str, Any] = {
-        "images": int(n_done),
-        "pairs_per_s": n_done / infer_s if infer_s > 0 else 0.0,
-        "infer_s": infer_s,
-        "wait_s": wait_s,
-        "val_loss": float(loss_sum.item()) / n_done if loss_sum is not None and n_done else None,
-    }
-    t0 = time.perf_counter()
-    coco = None
-    if compute_map:
-        coco = coco_map(gt, detections)
-        metrics.update(coco.stats)
-    else:
-        metrics.update({"mAP50_95": None, "mAP50": None})
-    metrics["metrics_s"] = time.perf_counter() - t0
-    return EvalResult(metrics=metrics, detections=detections, gt=gt, coco=coco)
+            run.run(dataset, n_total, batch_size, num_workers, progress)
+    return run.result(dataset.coco, compute_map)
 
 
 @torch.no_grad()
@@ -205,7 +275,6 @@ def predict_frames(
     Letterboxes into ``input_hw``, runs the model in eval mode (restoring its mode) and maps boxes
     back to the frames. Pass None for a modality the model does not use.
     """
-    _, letterbox_batch, decode, non_max_suppression = _components()
     device = torch.device(device)
 
     def to_dev(x: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
@@ -214,18 +283,12 @@ def predict_frames(
         t = torch.as_tensor(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
         return t.to(device).permute(0, 3, 1, 2).contiguous()
 
-    r, e = model_inputs(str(getattr(model, "modality", "dual")), to_dev(rgb), to_dev(event))
+    r, e = model_inputs(_modality(model), to_dev(rgb), to_dev(event))
     ref = r if r is not None else e
     h, w = int(ref.shape[2]), int(ref.shape[3])
-    was_training = model.training
-    model.eval()
-    try:
-        rgb_f, event_f, _, (pad_x, pad_y), lb_scale = letterbox_batch(r, e, tuple(input_hw), None)
-        preds = [p.float() for p in model(rgb_f, event_f)]
-        out = non_max_suppression(decode(preds, model.anchors, model.strides), conf, iou, max_det)
-    finally:
-        model.train(was_training)
-    packed = _pack(out, _num(pad_x), _num(pad_y), _num(lb_scale), w, h).cpu().numpy()
+    with _eval_mode(model):
+        out, _, _, (pad_x, pad_y, lb_scale) = _detect(model, r, e, input_hw, (conf, iou, max_det))
+    packed = _pack(out, pad_x, pad_y, lb_scale, w, h).cpu().numpy()
     idx = packed[:, 0].astype(np.int64)
     return [packed[idx == k, 1:7] for k in range(int(ref.shape[0]))]
 
