@@ -106,27 +106,13 @@ def verify_onnx(
     return float(np.abs(out.astype(np.float64) - ref.astype(np.float64)).max())
 
 
-def export_onnx(
-    weights: Path,
-    out: Path | None = None,
-    *,
-    opset: int = 17,
-    dynamic: bool = False,
-    input_hw: tuple[int, int] | None = None,
-    check: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Export a checkpoint to ONNX (decoding in the graph) and check it against PyTorch.
-
-    ``out`` defaults to the weights path with suffix ``.onnx``; ``input_hw`` to the training
-    ``config.input_shape`` of the checkpoint (``model.weights.input_hw_of``). The batch dimension is 1,
-    or named ``batch`` and dynamic with ``dynamic``. With ``check``, onnxruntime runs the file on random
-    inputs (batch 2 when dynamic) and a max abs difference above :data:`PARITY_TOL` raises ExportError.
-    Returns ``{"path", "inputs", "input_hw", "output_shape", "max_abs_diff", "check_batch"}``.
-    """
+def _load_for_export(
+    weights: Path, opset: int, input_hw: tuple[int, int] | None, check: bool
+) -> tuple[Any, nn.Module, tuple[int, int]]:
+    """The ``onnx`` module, the model on the CPU and its input shape; ExportError (FileNotFoundError
+    for a missing file) when the export cannot be done."""
     from fredfusion.model.weights import CheckpointError, input_hw_of, load_model
 
-    weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"weights file not found: {weights}")
     onnx = _require("onnx")
@@ -142,11 +128,13 @@ def export_onnx(
         hw = input_hw_of(payload, input_hw, str(weights))
     except ValueError as exc:
         raise ExportError(str(exc)) from None
-    out = Path(out) if out is not None else weights.with_suffix(".onnx")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return onnx, model, hw
 
-    wrapper = DecodedDetector(model.float()).eval()
-    names = input_names_for(wrapper.modality)
+
+def _trace(
+    wrapper: DecodedDetector, names: list[str], hw: tuple[int, int], out: Path, opset: int, dynamic: bool
+) -> tuple[int, int]:
+    """Trace ``wrapper`` into the ONNX file ``out``; return the (rows, columns) of its output."""
     example = tuple(_random_inputs(names, 1, hw, seed=0))
     axes = {n: {0: "batch"} for n in [*names, OUTPUT_NAME]} if dynamic else None
     with warnings.catch_warnings(), torch.no_grad():
@@ -167,7 +155,14 @@ def export_onnx(
     wrapper.eval()  # the exporter restores the mode it found; keep inference mode for the check
     with torch.no_grad():
         n_rows, n_cols = wrapper(*example).shape[1:]
+    return n_rows, n_cols
 
+
+def _finish_graph(
+    onnx: Any, out: Path, model: nn.Module, hw: tuple[int, int], rows_cols: tuple[int, int]
+) -> tuple[Any, ...]:
+    """Write the model description into the file's metadata and the static output sizes into its
+    graph, check and save it; return the output dimensions (``batch`` when dynamic)."""
     proto = onnx.load(str(out))
     meta = {
         "modality": model.modality,
@@ -183,34 +178,69 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, str(value)
     out_dims = proto.graph.output[0].type.tensor_type.shape.dim
-    for d, size in zip(list(out_dims)[1:], (n_rows, n_cols)):  # static: fixed by the input size
+    for d, size in zip(list(out_dims)[1:], rows_cols):  # static: fixed by the input size
         d.dim_value = int(size)
     dims = [d.dim_param or d.dim_value for d in out_dims]
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
+    return tuple(dims)
 
+
+def _check_parity(
+    out: Path, model: nn.Module, hw: tuple[int, int], batch: int, log: Callable[[str], None]
+) -> float:
+    """Max abs difference of onnxruntime against PyTorch, logged; ExportError above PARITY_TOL."""
+    diff = verify_onnx(out, model, hw, batch=batch)
+    verdict = "ok" if diff <= PARITY_TOL else "FAILED"
+    log(f"onnxruntime check (batch {batch}): max abs difference {diff:.3g} vs PyTorch ({verdict})")
+    if not diff <= PARITY_TOL:
+        raise ExportError(
+            f"{out}: onnxruntime output differs from PyTorch by {diff:.3g} (limit {PARITY_TOL:g}); "
+            f"the exported graph is not faithful, do not use it"
+        )
+    return diff
+
+
+def export_onnx(
+    weights: Path,
+    out: Path | None = None,
+    *,
+    opset: int = 17,
+    dynamic: bool = False,
+    input_hw: tuple[int, int] | None = None,
+    check: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export a checkpoint to ONNX (decoding in the graph) and check it against PyTorch.
+
+    ``out`` defaults to the weights path with suffix ``.onnx``; ``input_hw`` to the training
+    ``config.input_shape`` of the checkpoint (``model.weights.input_hw_of``). The batch dimension is 1,
+    or named ``batch`` and dynamic with ``dynamic``. With ``check``, onnxruntime runs the file on random
+    inputs (batch 2 when dynamic) and a max abs difference above :data:`PARITY_TOL` raises ExportError.
+    Returns ``{"path", "inputs", "input_hw", "output_shape", "max_abs_diff", "check_batch"}``.
+    """
+    weights = Path(weights)
+    onnx, model, hw = _load_for_export(weights, opset, input_hw, check)
+    out = Path(out) if out is not None else weights.with_suffix(".onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    wrapper = DecodedDetector(model.float()).eval()
+    names = input_names_for(wrapper.modality)
+    dims = _finish_graph(onnx, out, model, hw, _trace(wrapper, names, hw, out, opset, dynamic))
     shapes = ", ".join(f"{n} ({'B' if dynamic else 1}, 3, {hw[0]}, {hw[1]})" for n in names)
     log(
         f"export: wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {opset}): {model.modality} "
-        f"YOLO-{model.size}; inputs {shapes}; output {OUTPUT_NAME} {tuple(dims)}"
+        f"YOLO-{model.size}; inputs {shapes}; output {OUTPUT_NAME} {dims}"
     )
     result: dict[str, Any] = {
         "path": out,
         "inputs": names,
         "input_hw": hw,
-        "output_shape": tuple(dims),
+        "output_shape": dims,
         "max_abs_diff": None,
         "check_batch": None,
     }
     if check:
         batch = 2 if dynamic else 1
-        diff = verify_onnx(out, model, hw, batch=batch)
-        result.update(max_abs_diff=diff, check_batch=batch)
-        verdict = "ok" if diff <= PARITY_TOL else "FAILED"
-        log(f"onnxruntime check (batch {batch}): max abs difference {diff:.3g} vs PyTorch ({verdict})")
-        if not diff <= PARITY_TOL:
-            raise ExportError(
-                f"{out}: onnxruntime output differs from PyTorch by {diff:.3g} (limit {PARITY_TOL:g}); "
-                f"the exported graph is not faithful, do not use it"
-            )
+        result.update(max_abs_diff=_check_parity(out, model, hw, batch, log), check_batch=batch)
     return result
