@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,48 +43,56 @@ def evaluate_checkpoints(
     results: dict[str, EvalResult] = {}
     names = _unique_names([Path(w) for w in weights])
     for name, path in zip(names, weights):
-        model, payload = load_model(Path(path), dev)
-        hw = input_hw_of(payload, input_hw, str(path))
-        dataset = PreparedDataset(Path(data), split, modality=model.modality, pairs="dual")
-        log(
-            f"eval {path}: {model.modality} YOLO-{model.size} on {len(dataset)} {split} pairs "
-            f"at {hw[1]}x{hw[0]}"
+        if out:
+            folder = Path(out) / name if len(weights) > 1 else Path(out)
+        else:
+            folder = Path("runs/eval") / name
+        settings = dict(batch_size=batch, conf=conf, iou=iou, num_workers=workers)
+        results[name] = _evaluate_one(
+            Path(path), Path(data), split, input_hw, dev, settings, folder, gallery, log
         )
-        t0 = time.perf_counter()
-        result = evaluate(
-            model,
-            dataset,
-            batch_size=batch,
-            device=dev,
-            input_hw=hw,
-            conf=conf,
-            iou=iou,
-            amp_dtype=amp_dtype_for(dev, True),
-            num_workers=workers,
-            progress=True,
-        )
-        m = result.metrics
-        log(
-            f"  mAP50 {_pct(m['mAP50'])}  mAP50:95 {_pct(m['mAP50_95'])}  AR100 {_pct(m['AR100'])}  "
-            f"APs {_pct(m['APs'])}  APm {_pct(m['APm'])}"
-        )
-        log(
-            f"  {m['images']} pairs, inference+NMS {m['pairs_per_s']:.1f} pairs/s, "
-            f"metrics {m['metrics_s']:.2f} s, "
-            f"total {time.perf_counter() - t0:.1f} s"
-        )
-        parts = breakdowns(result.gt, result.detections, dataset.images)
-        _print_breakdowns(parts, log)
-        folder = (Path(out) / name if len(weights) > 1 else Path(out)) if out else Path("runs/eval") / name
-        files = write_report(folder, result, parts, dataset=dataset, gallery=gallery)
-        log(f"  report: {', '.join(str(p) for p in files.values())}")
-        results[name] = result
-        del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     if len(results) > 1:
         log(compare_table(results))
     return results
+
+
+def _evaluate_one(
+    path: Path,
+    data: Path,
+    split: str,
+    input_hw: tuple[int, int] | None,
+    dev: torch.device,
+    settings: dict[str, Any],
+    folder: Path,
+    gallery: int,
+    log: Callable[[str], None],
+) -> EvalResult:
+    """Evaluate one checkpoint (``settings``: keyword arguments of ``evaluate``), log its metrics and
+    breakdowns, and write its report into ``folder``."""
+    model, payload = load_model(path, dev)
+    hw = input_hw_of(payload, input_hw, str(path))
+    dataset = PreparedDataset(data, split, modality=model.modality, pairs="dual")
+    log(f"eval {path}: {model.modality} YOLO-{model.size} on {len(dataset)} {split} pairs at {hw[1]}x{hw[0]}")
+    t0 = time.perf_counter()
+    amp = amp_dtype_for(dev, True)
+    result = evaluate(model, dataset, device=dev, input_hw=hw, amp_dtype=amp, progress=True, **settings)
+    m = result.metrics
+    log(
+        f"  mAP50 {_pct(m['mAP50'])}  mAP50:95 {_pct(m['mAP50_95'])}  AR100 {_pct(m['AR100'])}  "
+        f"APs {_pct(m['APs'])}  APm {_pct(m['APm'])}"
+    )
+    log(
+        f"  {m['images']} pairs, inference+NMS {m['pairs_per_s']:.1f} pairs/s, "
+        f"metrics {m['metrics_s']:.2f} s, "
+        f"total {time.perf_counter() - t0:.1f} s"
+    )
+    parts = breakdowns(result.gt, result.detections, dataset.images)
+    _print_breakdowns(parts, log)
+    files = write_report(folder, result, parts, dataset=dataset, gallery=gallery)
+    log(f"  report: {', '.join(str(p) for p in files.values())}")
+    return result
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
@@ -94,16 +103,19 @@ def _unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def _ap_table(groups: dict[str, dict[str, Any]], title: str, images: bool = True) -> str:
+    """One breakdown as a table: a row per group with its images (when ``images``), boxes and AP50."""
+    counts = ("images", "gt_boxes") if images else ("gt_boxes",)
+    rows = [[k, *(v[c] for c in counts), _pct(v["AP50"])] for k, v in groups.items()]
+    return format_table(rows, [title, *(("images",) if images else ()), "boxes", "AP50"])
+
+
 def _print_breakdowns(parts: dict, log) -> None:
-    rows = [[k, v["images"], v["gt_boxes"], _pct(v["AP50"])] for k, v in parts["per_sequence"].items()]
-    log(format_table(rows, ["sequence", "images", "boxes", "AP50"]))
-    rows = [[k, v["images"], v["gt_boxes"], _pct(v["AP50"])] for k, v in parts["per_drone_model"].items()]
-    if rows:
-        log(format_table(rows, ["drone model", "images", "boxes", "AP50"]))
-    rows = [[k, v["gt_boxes"], _pct(v["AP50"])] for k, v in parts["by_size"]["max_side_px"].items()]
-    log(format_table(rows, ["max side px", "boxes", "AP50"]))
-    rows = [[k, v["images"], v["gt_boxes"], _pct(v["AP50"])] for k, v in parts["per_pair_status"].items()]
-    log(format_table(rows, ["pair status", "images", "boxes", "AP50"]))
+    log(_ap_table(parts["per_sequence"], "sequence"))
+    if parts["per_drone_model"]:
+        log(_ap_table(parts["per_drone_model"], "drone model"))
+    log(_ap_table(parts["by_size"]["max_side_px"], "max side px", images=False))
+    log(_ap_table(parts["per_pair_status"], "pair status"))
     worst = ", ".join(f"{w['sequence_id']} ({_pct(w['AP50'])})" for w in parts["worst_sequences"])
     log(f"worst sequences by AP50: {worst or '-'}")
 
