@@ -108,11 +108,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------- codecs
-def _jpeg(quality: int) -> tuple[Callable, dict[str, Callable]]:
+def _jpeg(quality: int, subsampling: str = "420") -> tuple[Callable, dict[str, Callable]]:
     import simplejpeg
 
     def enc(img: np.ndarray) -> bytes:
-        return simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB")
+        return simplejpeg.encode_jpeg(
+            np.ascontiguousarray(img), quality=quality, colorspace="RGB", colorsubsampling=subsampling
+        )
 
     def dec_simplejpeg(data: bytes) -> np.ndarray:
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
@@ -150,7 +152,10 @@ def _blosc2(level: int) -> tuple[Callable, dict[str, Callable]]:
 
     def enc(img: np.ndarray) -> bytes:
         return blosc2.compress(
-            np.ascontiguousarray(img).tobytes(), codec=blosc2.Codec.ZSTD, clevel=level, filter=blosc2.Filter.SHUFFLE
+            np.ascontiguousarray(img).tobytes(),
+            codec=blosc2.Codec.ZSTD,
+            clevel=level,
+            filter=blosc2.Filter.SHUFFLE,
         )
 
     def dec(data: bytes) -> np.ndarray:
@@ -161,7 +166,7 @@ def _blosc2(level: int) -> tuple[Callable, dict[str, Callable]]:
 
 def _png(level: int) -> tuple[Callable, dict[str, Callable]]:
     def enc(img: np.ndarray) -> bytes:
-        ok, buf = cv2.imencode(".png", img[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, level])
+        _ok, buf = cv2.imencode(".png", img[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, level])
         return buf.tobytes()
 
     def dec(data: bytes) -> np.ndarray:
@@ -172,9 +177,10 @@ def _png(level: int) -> tuple[Callable, dict[str, Callable]]:
 
 def codecs(kind: str) -> dict[str, tuple[Callable, dict[str, Callable]]]:
     """The codecs measured for RGB (``rgb``) or event (``event``) frames."""
-    table = {f"jpeg q{q}": _jpeg(q) for q in (75, 85, 90, 95)}
+    table = {f"jpeg q{q} 4:2:0": _jpeg(q) for q in (75, 85, 90, 95)}
+    table.update({f"jpeg q{q} 4:4:4": _jpeg(q, "444") for q in (90, 95)})
     if kind == "event":
-        table = {"jpeg q90": _jpeg(90), "jpeg q95": _jpeg(95)}
+        table = {"jpeg q90 4:2:0": _jpeg(90), "jpeg q95 4:4:4": _jpeg(95, "444")}
         table.update({"zstd 1": _zstd(1), "zstd 3": _zstd(3), "zstd 9": _zstd(9)})
         table.update({"blosc2 zstd 5": _blosc2(5)})
     table["png 1"] = _png(1)
@@ -230,6 +236,11 @@ def _gpu_rate(blobs: list[bytes], batch: int = 128) -> dict[str, float]:
     return rates
 
 
+def _finite_mean(scores: list[float]) -> float:
+    finite = [s for s in scores if math.isfinite(s)]
+    return float(np.mean(finite)) if finite else math.inf
+
+
 def measure(kind: str, frames: list[np.ndarray]) -> list[dict]:
     """One row per codec: mean bytes per frame, min / mean PSNR, decode rates."""
     rows = []
@@ -243,7 +254,9 @@ def measure(kind: str, frames: list[np.ndarray]) -> list[dict]:
             "codec": name,
             "bytes": float(np.mean([len(b) for b in blobs])),
             "psnr_min": min(scores),
-            "psnr_mean": float(np.mean([s for s in scores if math.isfinite(s)])) if any(map(math.isfinite, scores)) else math.inf,
+            "psnr_mean": float(np.mean([s for s in scores if math.isfinite(s)]))
+            if any(map(math.isfinite, scores))
+            else math.inf,
             "decode_per_core": {k: _rate(d, blobs) for k, d in decoders.items()},
         }
         if name.startswith("jpeg"):
@@ -278,7 +291,7 @@ def main() -> None:
         ("event", "dense"): dense_events(),
     }
     report = {"frame": f"{W}x{H}x3 uint8", "cpu": os.cpu_count(), "rows": {}}
-    print(f"| frames | codec | bytes/frame | PSNR min / mean dB | decode frames/s per core | decode frames/s GPU |")
+    print("| frames | codec | bytes/frame | PSNR min / mean dB | decode frames/s per core | decode GPU |")
     print("|---|---|---:|---|---|---|")
     for (kind, source), frames in sets.items():
         rows = measure(kind, frames)

@@ -551,3 +551,21 @@ def test_damaged_shard_files_are_skipped_and_checked_once_per_process(
     )
     with pytest.raises(OSError, match=r"seq_2\.rgb\.u8"):
         fs.read([200])
+
+
+def test_device_build_matches_the_cpu_build(tmp_path: Path) -> None:
+    """The batched device path (run here on the CPU) stores the same frames as the worker path, up to
+    the rounding of the area resize that JPEG then quantises; event frames stay identical."""
+    import torch
+
+    recs = _make_records(tmp_path / "src", {0: 5, 1: 3}, no_event=(2,))
+    bad = _bad_files(tmp_path / "bad")
+    recs.append(FrameRecord(900, 1, bad["trunc"][0], recs[0].event_path, (SRC_W, SRC_H)))
+    recs.append(FrameRecord(901, 1, bad["big"][0], recs[0].event_path, (SRC_W, SRC_H)))
+    cpu = _build(tmp_path / "cpu", recs, "auto")
+    dev = _build(tmp_path / "dev", recs, "auto", device=torch.device("cpu"))
+    assert dev.bad_frames == cpu.bad_frames and len(cpu.bad_frames) == 2
+    a, b = _all_frames(tmp_path / "cpu"), _all_frames(tmp_path / "dev")
+    assert np.array_equal(a["event"], b["event"])
+    assert _psnr(a["rgb"], b["rgb"]) > 40
+    assert not b["rgb"][-2:].any()  # the two bad sources

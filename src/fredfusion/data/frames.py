@@ -28,7 +28,7 @@ class BadFrameError(ValueError):
         return (BadFrameError, (self.path, self.reason))
 
 
-def _truncation_reason(data: bytes) -> str | None:
+def truncation_reason(data: bytes) -> str | None:
     """Return a reason when a JPEG/PNG byte string is visibly cut short, else None."""
     if data.startswith(_JPEG_MAGIC):
         tail = data[-4096:].rstrip(b"\x00\r\n ")
@@ -60,7 +60,7 @@ def decode_image(
     ``(H, W, 1)`` with ``keep_gray``) and an alpha plane is dropped. 16-bit images are an error unless
     ``allow_16bit`` (then scaled to 8 bits). Truncated JPEG / PNG data is an error even when the
     decoder would accept it."""
-    reason = _truncation_reason(data)
+    reason = truncation_reason(data)
     if reason:
         raise BadFrameError(path, reason)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)

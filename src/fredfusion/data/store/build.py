@@ -10,12 +10,14 @@ Bad source frames are reported and stored as empty frames, never fatal.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ from fredfusion.files import is_temp_file, write_json_atomic
 from fredfusion.spec import FRAME_KINDS
 
 _CHUNK_FRAMES = 32
+_DEVICE_BATCH = 64  # frames per batched decode / resize / encode on the device
 _SPACE_MARGIN = 1.2  # estimated store size x this must be free
 _SAMPLE_FRAMES = 6  # frames encoded per kind to estimate the size of an encoded store
 
@@ -206,7 +209,7 @@ class _Writer:
                         unit.written += len(blob)
                     handle.write(blob)
             unit.remaining -= len(rows)
-            done = len(rows)
+            done += len(rows)
             if unit.remaining == 0:
                 self._finish(unit)
         return done
@@ -240,48 +243,101 @@ class _Writer:
             handle.close()
 
 
+def _device_results(
+    units: dict[tuple[int, str], _Unit], device: Any, width: int, height: int
+) -> Iterator[tuple[int, dict[str, list[tuple[int, bytes | None]]], list]]:
+    """Chunks of the JPEG units encoded on the device, in the shape ``_encode_chunk`` returns."""
+    from fredfusion.data.store.device_encode import DeviceJpegEncoder
+
+    encoders: dict[Codec, DeviceJpegEncoder] = {}
+    try:
+        for (seq, kind), unit in units.items():
+            codec = unit.codec
+            if codec not in encoders:
+                encoders[codec] = DeviceJpegEncoder(device, width, height, codec)
+
+            def fallback(path: Path, orig: Any, codec: Codec = codec) -> bytes:
+                return encode_frame(path, codec, width, height, orig)
+
+            for s in range(0, len(unit.records), _DEVICE_BATCH):
+                records = unit.records[s : s + _DEVICE_BATCH]
+                paths = [r.path(kind) for r in records]
+                blobs, bad = encoders[codec].encode(paths, [r.orig_size for r in records], fallback)
+                rows = [(s + k, blob) for k, blob in enumerate(blobs)]
+                yield seq, {kind: rows}, [(kind, int(records[k].image_id), p, why) for k, p, why in bad]
+    finally:
+        for encoder in encoders.values():
+            encoder.close()
+
+
+def _pool(workers: int) -> contextlib.AbstractContextManager[ProcessPoolExecutor | None]:
+    if workers == 0:
+        return contextlib.nullcontext()
+    # forkserver/spawn, never fork: a child forked from a parent whose OpenCV/torch thread pools
+    # are running can deadlock (seen when prepare ran after synth in the same process)
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    return ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, mp_context=context)
+
+
 def _run(
     store_dir: Path,
     units: dict[tuple[int, str], _Unit],
-    width: int,
-    height: int,
+    size: tuple[int, int],
     workers: int,
     progress: bool,
-) -> int:
-    """Decode and encode every chunk; returns the number of frames (images) processed."""
+    device: Any = None,
+) -> None:
+    """Encode every frame of ``units``: JPEG units on ``device`` (in a thread) when given, the others in
+    ``workers`` processes (or here); the writer finishes each unit as its last chunk arrives."""
     from tqdm import tqdm
 
-    total = sum(len(u.records) for u in {u.seq: u for u in units.values()}.values())
+    width, height = size
+    on_device = {key: u for key, u in units.items() if device is not None and u.codec.name == "jpeg"}
+    in_workers = {key: u for key, u in units.items() if key not in on_device}
+    total = sum(len(u.records) for u in units.values())
     if total == 0:
-        return 0
+        return
     writer = _Writer(store_dir, units, width, height)
     bar = tqdm(total=total, unit="frame", desc="frame store", disable=not progress, dynamic_ncols=True)
-    tasks: Iterable[tuple[Any, ...]] = _tasks(units, width, height)
+    lock = threading.Lock()
+    failure: list[BaseException] = []
+
+    def add(result: tuple[int, dict[str, list[tuple[int, bytes | None]]], list]) -> None:
+        with lock:
+            bar.update(writer.add(result))
+
+    def device_side() -> None:
+        try:
+            for result in _device_results(on_device, device, width, height):
+                add(result)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=device_side, daemon=True) if on_device else None
     try:
-        if workers == 0:
-            for task in tasks:
-                bar.update(writer.add(_encode_chunk(task)))
-        else:
-            # forkserver/spawn, never fork: a child forked from a parent whose OpenCV/torch thread pools
-            # are running can deadlock (seen when prepare ran after synth in the same process)
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            context = multiprocessing.get_context(method)
-            with ProcessPoolExecutor(
-                max_workers=workers, initializer=_worker_init, mp_context=context
-            ) as pool:
-                pending: set[Future] = set()
-                for task in tasks:
-                    pending.add(pool.submit(_encode_chunk, task))
-                    if len(pending) >= 4 * workers:
-                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in finished:
-                            bar.update(writer.add(fut.result()))
-                for fut in pending:
-                    bar.update(writer.add(fut.result()))
+        if thread is not None:
+            thread.start()
+        with _pool(workers) as pool:
+            pending: set[Future] = set()
+            for task in _tasks(in_workers, width, height):
+                if pool is None:
+                    add(_encode_chunk(task))
+                    continue
+                pending.add(pool.submit(_encode_chunk, task))
+                if len(pending) >= 4 * workers:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        add(fut.result())
+            for fut in pending:
+                add(fut.result())
+        if thread is not None:
+            thread.join()
+            if failure:
+                raise failure[0]
     finally:
         writer.close()
         bar.close()
-    return total
 
 
 def _estimate_bytes(units: dict[tuple[int, str], _Unit], width: int, height: int) -> int:
@@ -329,12 +385,15 @@ def build_store(
     progress: bool = True,
     codecs: dict[str, Codec] | None = None,
     kinds: Sequence[str] = FRAME_KINDS,
+    device: Any = None,
 ) -> StoreReport:
     """Build (or bring up to date) the frame store in ``store_dir`` from ``records``.
 
     ``codecs`` gives the codec of each frame kind (default: raw rows); ``kinds`` the frame kinds
     to store (a run on one modality needs only its kind). ``workers`` > 0 decodes in that many
-    processes. The free disk space is checked against the estimated size before anything is written.
+    processes; ``device`` (a torch device) encodes the JPEG kinds there in batches instead
+    (``device_encode``). The free disk space is checked against the estimated size before anything
+    is written.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"frame store size must be positive, got {width}x{height}")
@@ -385,7 +444,8 @@ def build_store(
         _remove_stale_files(store_dir, keep)
         check_free_space(store_dir, _estimate_bytes(units, width, height))
 
-    frames = _run(store_dir, units, width, height, workers, progress)
+    _run(store_dir, units, (width, height), workers, progress, device)
+    frames = sum(len(recs) for seq, recs in groups.items() if any(s == seq for s, _ in units))
     for unit in units.values():
         bad_frames.extend(unit.bad)
     if not unchanged:

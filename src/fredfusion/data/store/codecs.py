@@ -1,7 +1,8 @@
 """How the frame store keeps one frame: raw rows, JPEG (RGB) or zstd (lossless, events).
 
 The default (``auto``) was chosen by measurement (``benchmarks/bench_codecs.py``, docs/PERFORMANCE.md):
-RGB frames as JPEG quality 90 through libjpeg-turbo (simplejpeg), event frames losslessly as zstd
+RGB frames as JPEG quality 90 with 4:2:0 chroma subsampling (as camera JPEGs and nvJPEG's encoder)
+through libjpeg-turbo (simplejpeg), event frames losslessly as zstd
 level 3 of the pixel rows (sparse frames shrink ~140x and decode at >15k frames/s per core; JPEG was
 lossy and larger on edge-rich event frames). ``raw`` keeps fixed-size uint8 rows (memory-mapped),
 the only layout of format-1 stores, and suits small sets.
@@ -71,6 +72,7 @@ class Codec:
                 frame.reshape(*frame.shape[:2], 1) if gray else frame,
                 quality=self.level,
                 colorspace="GRAY" if gray else "RGB",
+                colorsubsampling="420",
             )
         if self.name == "zstd":
             import zstandard
