@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from fredfusion.data import prepare as prepare_mod
 from fredfusion.data import frames as frames_mod
+from fredfusion.data import prepare as prepare_mod
 from fredfusion.data.coco import load_coco
 from fredfusion.data.fred import FredError
 from fredfusion.data.prepare import detect_frame_size, gc_paused, prepare, store_size
