@@ -14,9 +14,11 @@ import torch
 from fredfusion.config import load_config
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import rank_indices
+from fredfusion.engine import step as step_mod
 from fredfusion.engine import trainer as trainer_mod
 from fredfusion.engine.optim import scaled_lr
-from fredfusion.engine.trainer import StepGuard, Trainer, TrainingStopped, restore_where_, zero_where_
+from fredfusion.engine.step_guard import StepGuard, restore_where_, zero_where_
+from fredfusion.engine.trainer import Trainer, TrainingStopped
 from fredfusion.model.detector import FusionYOLO
 from fredfusion.model.loss import YoloLoss
 from fredfusion.model.weights import load_checkpoint
@@ -132,7 +134,7 @@ def test_nan_steps_are_skipped_counted_and_never_reach_the_weights(
     prepared: Path, tmp_path: Path, batches, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches(4)
-    original = trainer_mod.augment_batch
+    original = step_mod.augment_batch
     calls = []
 
     def poisoned(rgb, event, targets, *args, **kwargs):
@@ -142,7 +144,7 @@ def test_nan_steps_are_skipped_counted_and_never_reach_the_weights(
             rgb = torch.full_like(rgb, NAN)
         return rgb, event, targets
 
-    monkeypatch.setattr(trainer_mod, "augment_batch", poisoned)
+    monkeypatch.setattr(step_mod, "augment_batch", poisoned)
     logs: list[str] = []
     summary = _trainer(prepared, tmp_path, logs, max_bad_steps=3).fit()
     assert summary["bad_steps"] == 2 and summary["bad_frames"] == 0

@@ -201,10 +201,10 @@ def test_optimizer_auto_picks_adamw_for_a_short_run_and_sgd_for_a_long_one(
     )
     trainer.fit()
     short = max_steps > 1
-    assert isinstance(trainer.optimizer, torch.optim.AdamW if short else torch.optim.SGD)
+    assert isinstance(trainer.step.optimizer, torch.optim.AdamW if short else torch.optim.SGD)
     assert any(f"optimizer auto: {'AdamW' if short else 'SGD'} for " in line for line in lines)
     base = next(line for line in lines if line.startswith("phase:"))
-    assert base.endswith("base lr 2.00e-03" if short else f"base lr {trainer.base_lr(8):.2e}")
+    assert base.endswith("base lr 2.00e-03" if short else f"base lr {trainer.step.base_lr(8):.2e}")
     assert load_checkpoint(tmp_path / "dual" / "last.pth")["config"]["optimizer"] == "auto"
 
 

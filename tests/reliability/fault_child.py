@@ -68,9 +68,9 @@ def install(fault: str, n: int) -> None:
     if fault == "none":
         return
     if fault == "train-step":
-        import fredfusion.engine.trainer as trainer
+        import fredfusion.engine.step as step
 
-        trainer.augment_batch = _counter(n, trainer.augment_batch)
+        step.augment_batch = _counter(n, step.augment_batch)
     elif fault == "eval":
         import fredfusion.eval.evaluator as evaluator
 
@@ -114,9 +114,9 @@ def install(fault: str, n: int) -> None:
 
         shutil.copyfile, shutil.copyfileobj = copyfile, copyfileobj
     elif fault == "store-frame":
-        import fredfusion.data.store as store
+        import fredfusion.data.store.build as store_build
 
-        store.read_frame = _counter(n, store.read_frame)
+        store_build.read_frame = _counter(n, store_build.read_frame)
     else:
         raise SystemExit(f"fault_child: unknown fault {fault!r}")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 CSV_COLUMNS = (
     "epoch",
@@ -91,3 +92,37 @@ class RunLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def quick_test_checklist(
+    checks: dict[str, Any], summary: dict[str, Any], device: torch.device, run_dir: Path
+) -> list[str]:
+    """The lines ``--quick_test`` prints at the end: data, pairs, weights, speed, faults, memory, mAP."""
+    mem = (
+        f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB peak"
+        if device.type == "cuda"
+        else "n/a (CPU)"
+    )
+    items = [
+        ("data found", checks.get("data", "?")),
+        ("dual rate (train split)", checks.get("dual_rate", "?")),
+        ("dual rate (batches seen)", f"{summary.get('dual', 0)}/{summary.get('seen', 0)}"),
+        ("weights", checks.get("weights", "?")),
+        ("throughput", f"{summary.get('pairs_per_s', 0):.1f} pairs/s"),
+        ("data-wait share", f"{100 * summary.get('data_wait', 0):.1f}%"),
+        (
+            "faults",
+            f"{summary.get('bad_frames', 0)} unreadable images, "
+            f"{summary.get('bad_steps', 0)} non-finite steps skipped",
+        ),
+        ("GPU memory", mem),
+        (
+            "mini evaluation",
+            "skipped"
+            if summary.get("mAP50") is None
+            else f"mAP50 {summary['mAP50']:.4f}, mAP50:95 {summary['mAP50_95']:.4f}",
+        ),
+        ("checkpoints", str(run_dir)),
+    ]
+    width = max(len(k) for k, _ in items)
+    return ["quick test check list:", *(f"  [x] {key.ljust(width)}  {value}" for key, value in items)]

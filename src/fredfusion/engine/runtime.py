@@ -29,6 +29,22 @@ class Distributed:
             int(os.environ.get("LOCAL_RANK", 0)),
         )
 
+    def init(self, device: torch.device) -> None:
+        """Join the process group when there are several processes (NCCL on CUDA, else Gloo)."""
+        if self.world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group(backend=backend)
+
+    def sum(self, values: tuple[int, ...], device: torch.device) -> tuple[int, ...]:
+        """``values`` summed over every process (as they are with one process)."""
+        if self.world_size == 1:
+            return values
+        shared = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(shared)
+        return tuple(int(v) for v in shared.tolist())
+
 
 def pick_device(requested: str = "", local_rank: int = 0) -> torch.device:
     """The device a job runs on: ``requested`` (cpu, cuda, cuda:1) or cuda when available, else cpu.
