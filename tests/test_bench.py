@@ -17,6 +17,7 @@ import torch
 
 from fredfusion.bench import DATA_WAIT_LIMIT, LABELS, PARTS, run_bench, verdict
 from fredfusion.cli import main
+from fredfusion.config import load_config
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.model import build_model, model_info
 from fredfusion.model.anchors import default_anchors
@@ -83,18 +84,18 @@ def test_bench_cli_smoke(tiny_prepared: Path, tmp_path: Path, capsys: pytest.Cap
 
 def test_bench_skip_parts_and_no_file(tiny_prepared: Path, tmp_path: Path) -> None:
     lines: list[str] = []
+    cfg = load_config(
+        overrides={
+            "data": str(tiny_prepared),
+            "modality": "rgb",
+            "model": "n",
+            "unfreeze_batch_size": 4,
+            "input_shape": [64, 128],
+            "num_workers": 0,
+        }
+    )
     report = run_bench(
-        tiny_prepared,
-        modality="rgb",
-        model="n",
-        batch=4,
-        steps=1,
-        warmup=0,
-        input_hw=(64, 128),
-        workers=0,
-        out=None,
-        skip=["augment", "step", "train", "eval"],
-        log=lines.append,
+        cfg, steps=1, warmup=0, out=None, skip=["augment", "step", "train", "eval"], log=lines.append
     )
     assert list(report["results"]) == ["read"]
     assert report["results"]["read"]["bytes_per_pair"] == 72 * 128 * 3  # rgb only
@@ -133,6 +134,11 @@ def test_bench_errors(tiny_prepared: Path, tmp_path: Path, capsys: pytest.Captur
     assert "every part is skipped" in err
     err = _bench_error(["--data", str(tiny_prepared), "--steps", "0"], capsys)
     assert "--steps must be >= 1" in err
+    # the config checks its fields; the message names the flag
+    err = _bench_error(["--data", str(tiny_prepared), "--batch", "0"], capsys)
+    assert err.strip() == "fredfusion bench: error: bench: --batch must be >= 1, got 0"
+    err = _bench_error(["--data", str(tiny_prepared), "--workers", "-1"], capsys)
+    assert err.strip() == "fredfusion bench: error: bench: --workers must be >= 0, got -1"
 
 
 def _rates(read: float, augment: float, step: float, train: float, wait: float) -> dict[str, Any]:

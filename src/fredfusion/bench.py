@@ -34,11 +34,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fredfusion.config import TrainConfig
-from fredfusion.data.augment import AugmentConfig, augment_batch
+from fredfusion.config import TrainConfig, validate
+from fredfusion.data.augment import augment_batch
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import BatchLoader, DeviceBatch
-from fredfusion.spec import DEFAULT_INPUT_HW, check_input_hw, frames_for
+from fredfusion.engine.ema import unwrap
+from fredfusion.engine.optim import resolve_optimizer
+from fredfusion.engine.runtime import amp_dtype_for, pick_device
+from fredfusion.engine.step import TrainStep, augment_config
+from fredfusion.spec import frames_for
 
 __all__ = [
     "BOUND_PARTS",
@@ -136,10 +140,10 @@ def _cycle(loader: BatchLoader, epoch: int = 0) -> Iterator[DeviceBatch]:
 
 
 def _loader(
-    ds: PreparedDataset, batch: int, workers: int, device: torch.device, seed: int, **extra: Any
+    ds: PreparedDataset, cfg: TrainConfig, workers: int, device: torch.device, **extra: Any
 ) -> BatchLoader:
     """A training loader with the trainer's settings (shuffled, last partial batch dropped)."""
-    cfg = TrainConfig()
+    batch = cfg.unfreeze_batch_size
     return BatchLoader(
         ds,
         batch_size=batch,
@@ -149,7 +153,7 @@ def _loader(
         prefetch_factor=cfg.prefetch_factor,
         persistent_workers=workers > 0,
         device=device,
-        seed=seed,
+        seed=cfg.seed,
         **extra,
     )
 
@@ -217,21 +221,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-# ------------------------------------------------------------------------------- the training step
-class _TrainStep:
-    """The trainer's own optimisation step (``Trainer.optimize``) for a fixed model and batch size."""
-
-    def __init__(self, cfg: TrainConfig, model: nn.Module, wrapped: nn.Module, batch: int) -> None:
-        from fredfusion.engine.trainer import Trainer
-
-        self.model, self.wrapped, self.batch = model, wrapped, batch
-        self.trainer = Trainer(cfg, log=lambda _m: None)
-        self.trainer.setup_step(model, batch)
-
-    def __call__(self, rgb: torch.Tensor | None, event: torch.Tensor | None, targets: torch.Tensor) -> None:
-        self.trainer.optimize(self.wrapped, rgb, event, targets, self.batch)
-
-
+# ----------------------------------------------------------------------------------- synthetic data
 def _synthetic_batch(
     modality: str, batch: int, input_hw: tuple[int, int], device: torch.device, seed: int
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
@@ -259,8 +249,9 @@ def _synthetic_batch(
 
 # ------------------------------------------------------------------------------------- the parts
 def _bench_read(
-    ds: PreparedDataset, batch: int, steps: int, warmup: int, workers: int, device: torch.device, seed: int
+    ds: PreparedDataset, cfg: TrainConfig, steps: int, warmup: int, device: torch.device
 ) -> dict[str, Any]:
+    batch, workers = cfg.unfreeze_batch_size, cfg.num_workers
     mods = frames_for(ds.modality)
     h, w = ds.store_hw
     bytes_per_pair = h * w * 3 * len(mods)
@@ -268,7 +259,7 @@ def _bench_read(
     n = min(batch, len(ds))
     pin = device.type == "cuda"
     bufs = {m: torch.empty((n, h, w, 3), dtype=torch.uint8, pin_memory=pin).numpy() for m in mods}
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(cfg.seed)
     for _ in range(warmup):
         ds.load(ds.ids[rng.choice(len(ds), n, replace=False)], mods, out=bufs)
     t0 = time.perf_counter()
@@ -276,7 +267,7 @@ def _bench_read(
         ds.load(ds.ids[rng.choice(len(ds), n, replace=False)], mods, out=bufs)
     gather = steps * n / max(time.perf_counter() - t0, 1e-9)
     # the loader: worker processes -> pinned batches -> device (side stream on CUDA)
-    loader = _loader(ds, batch, workers, device, seed)
+    loader = _loader(ds, cfg, workers, device)
     batches = _cycle(loader)
     for _ in range(_loader_warmup(warmup, loader)):
         next(batches)
@@ -304,19 +295,14 @@ def _bench_read(
 
 
 def _bench_augment(
-    ds: PreparedDataset,
-    batch: int,
-    steps: int,
-    warmup: int,
-    input_hw: tuple[int, int],
-    aug: AugmentConfig,
-    device: torch.device,
-    seed: int,
+    ds: PreparedDataset, cfg: TrainConfig, steps: int, warmup: int, device: torch.device
 ) -> dict[str, Any]:
-    loader = _loader(ds, batch, 0, device, seed, max_batches=1)
+    input_hw = _input_hw(cfg)
+    aug = augment_config(cfg)
+    loader = _loader(ds, cfg, 0, device, max_batches=1)
     item = next(_cycle(loader))
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(cfg.seed)
 
     def once() -> None:
         augment_batch(item.rgb, item.event, item.targets, input_hw, aug, special=True, generator=gen)
@@ -340,24 +326,18 @@ def _bench_augment(
 
 
 def _bench_step(
-    step: _TrainStep,
-    modality: str,
-    batch: int,
-    steps: int,
-    warmup: int,
-    input_hw: tuple[int, int],
-    gflops: float,
-    device: torch.device,
-    seed: int,
+    step: TrainStep, wrapped: nn.Module, steps: int, warmup: int, gflops: float
 ) -> dict[str, Any]:
-    rgb, event, targets = _synthetic_batch(modality, batch, input_hw, device, seed)
+    cfg, device = step.cfg, step.device
+    batch = cfg.unfreeze_batch_size
+    rgb, event, targets = _synthetic_batch(cfg.modality, batch, step.input_hw, device, cfg.seed)
     step.model.train()
     for _ in range(warmup):
-        step(rgb, event, targets)
+        step.optimize(wrapped, rgb, event, targets, batch)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        step(rgb, event, targets)
+        step.optimize(wrapped, rgb, event, targets, batch)
     _sync(device)
     elapsed = max(time.perf_counter() - t0, 1e-9)
     rate = steps * batch / elapsed
@@ -373,31 +353,20 @@ def _bench_step(
 
 
 def _bench_train(
-    step: _TrainStep,
-    ds: PreparedDataset,
-    batch: int,
-    steps: int,
-    warmup: int,
-    workers: int,
-    input_hw: tuple[int, int],
-    aug: AugmentConfig,
-    device: torch.device,
-    seed: int,
+    step: TrainStep, wrapped: nn.Module, ds: PreparedDataset, steps: int, warmup: int
 ) -> dict[str, Any]:
-    loader = _loader(ds, batch, workers, device, seed)
+    cfg, device, workers = step.cfg, step.device, step.cfg.num_workers
+    loader = _loader(ds, cfg, workers, device)
     batches = _cycle(loader)
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(cfg.seed)
     step.model.train()
 
     def once() -> tuple[float, int]:
         t0 = time.perf_counter()
         item = next(batches)
         wait = time.perf_counter() - t0
-        rgb, event, targets = augment_batch(
-            item.rgb, item.event, item.targets, input_hw, aug, special=True, generator=gen
-        )
-        step(rgb, event, targets)
+        step.run(wrapped, item, special=True, generator=gen)
         return wait, len(item.ids)
 
     for _ in range(_loader_warmup(warmup, loader)):
@@ -427,12 +396,10 @@ def _bench_eval(
     model: nn.Module,
     ds: PreparedDataset,
     split: str,
+    cfg: TrainConfig,
     batch: int,
     steps: int,
     warmup: int,
-    workers: int,
-    input_hw: tuple[int, int],
-    amp_dtype: torch.dtype | None,
     device: torch.device,
 ) -> dict[str, Any]:
     from fredfusion.eval.evaluator import evaluate
@@ -443,10 +410,10 @@ def _bench_eval(
             ds,
             batch_size=batch,
             device=device,
-            input_hw=input_hw,
-            amp_dtype=amp_dtype,
+            input_hw=_input_hw(cfg),
+            amp_dtype=amp_dtype_for(device, cfg.fp16),
             max_images=images,
-            num_workers=workers,
+            num_workers=cfg.num_workers,
             compute_map=False,
         ).metrics
 
@@ -521,21 +488,16 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------------------- the run
-def _check_args(
-    batch: int, steps: int, warmup: int, input_hw: tuple[int, int], workers: int, skip: Sequence[str]
-) -> tuple[int, int]:
-    if batch < 1:
-        raise ValueError(f"bench: --batch must be >= 1, got {batch}")
+def _input_hw(cfg: TrainConfig) -> tuple[int, int]:
+    return int(cfg.input_shape[0]), int(cfg.input_shape[1])
+
+
+def _check_args(steps: int, warmup: int, skip: Sequence[str], eval_batch: int) -> None:
+    """The bench's own arguments (the config checks its fields)."""
     if steps < 1:
         raise ValueError(f"bench: --steps must be >= 1, got {steps}")
     if warmup < 0:
         raise ValueError(f"bench: --warmup must be >= 0, got {warmup}")
-    if workers < 0:
-        raise ValueError(f"bench: --workers must be >= 0, got {workers}")
-    try:
-        h, w = check_input_hw(input_hw, "--input-shape")
-    except ValueError as exc:
-        raise ValueError(f"bench: {exc}") from None
     unknown = sorted(set(skip) - set(PARTS))
     if unknown:
         raise ValueError(
@@ -543,130 +505,150 @@ def _check_args(
         )
     if set(PARTS) <= set(skip):
         raise ValueError("bench: every part is skipped; nothing to measure")
-    return h, w
+    if eval_batch < 1:
+        raise ValueError(f"bench: --eval-batch must be >= 1, got {eval_batch}")
+
+
+def _model(
+    cfg: TrainConfig, train_set: PreparedDataset, device: torch.device
+) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """The model as training builds it (anchors, channels_last), compiled when ``cfg.compile``; its
+    plain and wrapped forms and ``model_info`` (params, GFLOPs per pair)."""
+    from fredfusion.engine.model_setup import run_anchors
+    from fredfusion.model import build_model, model_info
+
+    anchors = run_anchors(cfg, train_set, lambda _m: None)
+    net = build_model(cfg.modality, cfg.model, cfg.fusion, num_classes=1, anchors=anchors)
+    info = model_info(net, _input_hw(cfg))
+    net = net.to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net, (torch.compile(net) if cfg.compile else net), info
+
+
+def _report(
+    cfg: TrainConfig,
+    train_set: PreparedDataset,
+    device: torch.device,
+    info: dict[str, Any],
+    *,
+    steps: int,
+    warmup: int,
+    eval_batch: int,
+    skip: Sequence[str],
+) -> dict[str, Any]:
+    """The report before any measurement: config (what is measured, and how), environment, model."""
+    amp_dtype = amp_dtype_for(device, cfg.fp16)
+    return {
+        "config": {
+            "data": str(cfg.data),
+            "modality": cfg.modality,
+            "model": cfg.model,
+            "fusion": cfg.fusion,
+            "batch": cfg.unfreeze_batch_size,
+            "eval_batch": eval_batch,
+            "steps": steps,
+            "warmup": warmup,
+            "input_hw": list(_input_hw(cfg)),
+            "store_hw": list(train_set.store_hw),
+            "train_images": len(train_set),
+            "workers": cfg.num_workers,
+            "compile": bool(cfg.compile),
+            "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+            "channels_last": bool(cfg.channels_last),
+            "skip": [p for p in PARTS if p in set(skip)],
+            "seed": cfg.seed,
+        },
+        "environment": environment(device),
+        "model": {"params": info["params"], "gflops_per_pair": info["gflops"]},
+        "results": {},
+    }
+
+
+def _measure(
+    report: dict[str, Any],
+    cfg: TrainConfig,
+    train_set: PreparedDataset,
+    device: torch.device,
+    net: nn.Module,
+    wrapped: nn.Module,
+    say: Callable[[str], None],
+) -> None:
+    """Run the parts the report's config does not skip, into ``report["results"]``; say each rate."""
+    run, results = report["config"], report["results"]
+    steps, warmup, skip = run["steps"], run["warmup"], run["skip"]
+    if "read" not in skip:
+        results["read"] = _bench_read(train_set, cfg, steps, warmup, device)
+        say(f"bench: read {_fmt(results['read']['pairs_per_s'])} pairs/s")
+    if "augment" not in skip:
+        results["augment"] = _bench_augment(train_set, cfg, steps, warmup, device)
+        say(f"bench: augment {_fmt(results['augment']['pairs_per_s'])} pairs/s")
+    if "step" not in skip or "train" not in skip:
+        step = TrainStep(
+            cfg,
+            net,
+            cfg.unfreeze_batch_size,
+            device=device,
+            amp_dtype=amp_dtype_for(device, cfg.fp16),
+            optimizer_choice=resolve_optimizer(cfg.optimizer, 0),
+        )
+        if "step" not in skip:
+            gflops = report["model"]["gflops_per_pair"]
+            results["step"] = _bench_step(step, wrapped, steps, warmup, gflops)
+            say(f"bench: model step {_fmt(results['step']['pairs_per_s'])} pairs/s")
+        if "train" not in skip:
+            results["train"] = _bench_train(step, wrapped, train_set, steps, warmup)
+            say(f"bench: end to end {_fmt(results['train']['pairs_per_s'])} pairs/s")
+            if "augment" in results and "step" in results:
+                # augmentation and the step run one after the other on the device
+                bound = 1.0 / (1.0 / results["augment"]["pairs_per_s"] + 1.0 / results["step"]["pairs_per_s"])
+                train = results["train"]
+                train["augment_step_bound"] = bound
+                train["detail"] += (
+                    f"; {100 * train['pairs_per_s'] / bound:.0f}% of augment+step {_fmt(bound)}"
+                )
+        del step
+    if "eval" not in skip:
+        eval_set, split = _eval_dataset(Path(cfg.data), cfg.modality, train_set)
+        results["eval"] = _bench_eval(wrapped, eval_set, split, cfg, run["eval_batch"], steps, warmup, device)
+        say(f"bench: eval {_fmt(results['eval']['pairs_per_s'])} pairs/s")
+    unwrap(wrapped).train()
 
 
 def run_bench(
-    data: str | Path,
-    modality: str = "dual",
-    model: str = "s",
-    batch: int = 32,
+    cfg: TrainConfig,
+    *,
     steps: int = 20,
     warmup: int = 3,
-    input_hw: tuple[int, int] = DEFAULT_INPUT_HW,
-    workers: int = 2,
-    device: str = "",
-    compile: bool = False,
-    out: str | Path | None = Path("runs/bench"),
     skip: Sequence[str] = (),
+    out: str | Path | None = Path("runs/bench"),
     eval_batch: int | None = None,
-    fusion: str = "concat",
-    seed: int = 0,
     threads: int = 0,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
-    """Measure the five rates on the prepared folder ``data``; print the table, write ``out/bench.json``.
+    """Measure the five rates for ``cfg`` (its data, modality, model, fusion, input_shape, batch =
+    unfreeze_batch_size, num_workers, device, compile, seed); print the table, write ``out/bench.json``.
 
     Returns the report: ``config``, ``environment``, ``model`` (params, GFLOPs per pair),
     ``results`` (one dict per measured part, each with ``pairs_per_s``), ``verdict`` and
     ``bottleneck`` (the slowest of read / augment / step). ``out=None`` writes no file.
-    ``threads`` > 0 sets the torch CPU thread count for the run (restored afterwards).
+    ``eval_batch`` defaults to the batch; ``threads`` > 0 sets the torch CPU thread count for the run
+    (restored afterwards).
     """
     if threads < 0:
         raise ValueError(f"bench: --threads must be >= 0, got {threads}")
-    from fredfusion.engine.ema import unwrap
-    from fredfusion.engine.runtime import amp_dtype_for, pick_device
-    from fredfusion.engine.trainer import augment_config
-    from fredfusion.model import build_model, model_info
-    from fredfusion.model.anchors import default_anchors
-
-    data = Path(data)
+    validate(cfg)
     with torch_threads(threads):
-        h, w = _check_args(batch, steps, warmup, input_hw, workers, skip)
-        input_hw = (h, w)
-        eval_batch = batch if eval_batch is None else eval_batch
-        if eval_batch < 1:
-            raise ValueError(f"bench: --eval-batch must be >= 1, got {eval_batch}")
-        train_set = _train_dataset(data, modality)
-        dev = pick_device(device)
-        cfg = TrainConfig(modality=modality, model=model, fusion=fusion, input_shape=[h, w], device=str(dev))
-        amp_dtype = amp_dtype_for(dev, True)
-        aug = augment_config(cfg)
-
-        net = build_model(modality, model, fusion, num_classes=1, anchors=default_anchors() * (w / 640))
-        info = model_info(net, input_hw)
-        net = net.to(dev)
-        if cfg.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        wrapped: nn.Module = torch.compile(net) if compile else net
-        report: dict[str, Any] = {
-            "config": {
-                "data": str(data),
-                "modality": modality,
-                "model": model,
-                "fusion": fusion,
-                "batch": batch,
-                "eval_batch": eval_batch,
-                "steps": steps,
-                "warmup": warmup,
-                "input_hw": [h, w],
-                "store_hw": list(train_set.store_hw),
-                "train_images": len(train_set),
-                "workers": workers,
-                "compile": bool(compile),
-                "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
-                "channels_last": bool(cfg.channels_last),
-                "skip": [p for p in PARTS if p in set(skip)],
-                "seed": seed,
-            },
-            "environment": environment(dev),
-            "model": {"params": info["params"], "gflops_per_pair": info["gflops"]},
-            "results": {},
-        }
-        results: dict[str, dict[str, Any]] = report["results"]
-        say = log or (lambda _m: None)
-
-        def want(part: str) -> bool:
-            return part not in skip
-
-        if want("read"):
-            results["read"] = _bench_read(train_set, batch, steps, warmup, workers, dev, seed)
-            say(f"bench: read {_fmt(results['read']['pairs_per_s'])} pairs/s")
-        if want("augment"):
-            results["augment"] = _bench_augment(train_set, batch, steps, warmup, input_hw, aug, dev, seed)
-            say(f"bench: augment {_fmt(results['augment']['pairs_per_s'])} pairs/s")
-        if want("step") or want("train"):
-            step = _TrainStep(cfg, net, wrapped, batch)
-            if want("step"):
-                results["step"] = _bench_step(
-                    step, modality, batch, steps, warmup, input_hw, info["gflops"], dev, seed
-                )
-                say(f"bench: model step {_fmt(results['step']['pairs_per_s'])} pairs/s")
-            if want("train"):
-                results["train"] = _bench_train(
-                    step, train_set, batch, steps, warmup, workers, input_hw, aug, dev, seed
-                )
-                say(f"bench: end to end {_fmt(results['train']['pairs_per_s'])} pairs/s")
-                if "augment" in results and "step" in results:
-                    # augmentation and the step run one after the other on the device
-                    bound = 1.0 / (
-                        1.0 / results["augment"]["pairs_per_s"] + 1.0 / results["step"]["pairs_per_s"]
-                    )
-                    train = results["train"]
-                    train["augment_step_bound"] = bound
-                    train["detail"] += (
-                        f"; {100 * train['pairs_per_s'] / bound:.0f}% of augment+step {_fmt(bound)}"
-                    )
-            del step
-        if want("eval"):
-            eval_set, split = _eval_dataset(data, modality, train_set)
-            results["eval"] = _bench_eval(
-                wrapped, eval_set, split, eval_batch, steps, warmup, workers, input_hw, amp_dtype, dev
-            )
-            say(f"bench: eval {_fmt(results['eval']['pairs_per_s'])} pairs/s")
-        unwrap(wrapped).train()
-
-        report["verdict"], report["bottleneck"] = verdict(results)
+        eval_batch = cfg.unfreeze_batch_size if eval_batch is None else eval_batch
+        _check_args(steps, warmup, skip, eval_batch)
+        train_set = _train_dataset(Path(cfg.data), cfg.modality)
+        device = pick_device(cfg.device)
+        net, wrapped, info = _model(cfg, train_set, device)
+        report = _report(
+            cfg, train_set, device, info, steps=steps, warmup=warmup, eval_batch=eval_batch, skip=skip
+        )
+        _measure(report, cfg, train_set, device, net, wrapped, log or (lambda _m: None))
+        report["verdict"], report["bottleneck"] = verdict(report["results"])
         if out is not None:
             from fredfusion.data.coco import write_json_atomic
 

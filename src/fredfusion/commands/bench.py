@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from fredfusion.commands import flags
+from fredfusion.config import ConfigError, TrainConfig, load_config
 from fredfusion.spec import DEFAULT_INPUT_HW, FUSIONS, MODALITIES, SIZES
 
 
@@ -36,26 +37,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+FLAGS = {
+    "data": "--data",
+    "modality": "--modality",
+    "model": "--model",
+    "fusion": "--fusion",
+    "input_shape": "--input-shape",
+    "unfreeze_batch_size": "--batch",
+    "num_workers": "--workers",
+    "device": "--device",
+    "compile": "--compile",
+    "seed": "--seed",
+}
+"""The TrainConfig field each bench flag sets."""
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of the bench flags, validated by the config; an invalid value is a ConfigError
+    naming the flag (``bench: --batch must be >= 1, got 0``)."""
+    values = {field: getattr(args, flag.lstrip("-").replace("-", "_")) for field, flag in FLAGS.items()}
+    values["data"] = str(values["data"])
+    try:
+        return load_config(overrides=values)
+    except ConfigError as exc:
+        text = str(exc).removesuffix(" in command line")
+        field = text.split(":")[0].split(" ")[0]
+        flag = FLAGS.get(field, field)
+        raise ConfigError(f"bench: {flag}{text[len(field) :].removeprefix(':')}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print its table."""
     from fredfusion.bench import run_bench
 
     run_bench(
-        args.data,
-        modality=args.modality,
-        model=args.model,
-        batch=args.batch,
+        config_from_args(args),
         steps=args.steps,
         warmup=args.warmup,
-        input_hw=tuple(args.input_shape),
-        workers=args.workers,
-        device=args.device,
-        compile=args.compile,
         out=args.out,
         skip=args.skip,
         eval_batch=args.eval_batch,
-        fusion=args.fusion,
-        seed=args.seed,
         threads=args.threads,
     )
     return 0

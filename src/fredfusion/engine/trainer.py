@@ -1,4 +1,6 @@
-"""The training loop: phases (freeze / unfreeze), AMP, EMA, schedule, evaluation, checkpoints, resume, DDP.
+"""The training loop: phases (freeze / unfreeze), epochs, schedule, evaluation, checkpoints, resume, DDP.
+
+The optimisation step itself (AMP, loss, clipped step, EMA, NaN guard) is ``engine.step.TrainStep``.
 
 Faults the loop trains through, and where it stops (with a message naming what happened and what was kept):
 
