@@ -12,11 +12,21 @@ import pytest
 from fredfusion.cli import main
 from fredfusion.data.prepare import prepare
 from fredfusion.data.store import FrameStore
+from fredfusion.data.store import build as store_build
+from fredfusion.spec import FRAME_KINDS
 
 # prepare_summary.json fields that legitimately differ between two builds of the same tree:
 # where the output went, and what this particular run did (timings, built vs reused shards).
 RUN_SPECIFIC = {"out", "annotation_files"}
-RUN_SPECIFIC_STORE = {"dir", "built_shards", "reused_shards", "frames_written", "seconds", "frames_per_s"}
+RUN_SPECIFIC_STORE = {
+    "dir",
+    "built_shards",
+    "reused_shards",
+    "frames_written",
+    "seconds",
+    "frames_per_s",
+    "bytes_written",
+}
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -44,11 +54,12 @@ def _frames_of_first_shard(out: Path) -> int:
 
 
 @pytest.mark.reliability
+@pytest.mark.parametrize("codec", ["raw", "jpeg", "zstd", "auto"])
 def test_killed_store_build_then_rerun_equals_uninterrupted(
-    small_sample: Any, tmp_path: Path, run_child: Any, capsys: pytest.CaptureFixture
+    small_sample: Any, tmp_path: Path, run_child: Any, capsys: pytest.CaptureFixture, codec: str
 ) -> None:
     args = ["--fred-root", str(small_sample.fred), "--split", str(small_sample.split_file)]
-    args += ["--imgsz", "128", "--workers", "0"]
+    args += ["--imgsz", "128", "--workers", "0", "--codec", codec, "--device", "cpu"]
     reference = tmp_path / "reference"
     prepare(
         small_sample.fred,
@@ -58,8 +69,11 @@ def test_killed_store_build_then_rerun_equals_uninterrupted(
         workers=0,
         progress=False,
         log=lambda _m: None,
+        codec=codec,
     )
-    first_shard = _frames_of_first_shard(reference)
+    # the free-space estimate of an encoded store first encodes a few sample frames of each kind
+    samples = 0 if codec == "raw" else len(FRAME_KINDS) * store_build._SAMPLE_FRAMES
+    first_shard = samples + _frames_of_first_shard(reference)
 
     # killed halfway through the second shard: the first one is complete, the second one is not
     out = tmp_path / "killed"
@@ -67,8 +81,9 @@ def test_killed_store_build_then_rerun_equals_uninterrupted(
     assert proc.returncode == -signal.SIGKILL, proc.output[-2000:]
     store = out / "store"
     names = sorted(p.name for p in store.iterdir())
-    assert "seq_0.json" in names and "manifest.json" not in names and "seq_1.json" not in names
-    assert any(n.startswith("seq_1.rgb.u8.tmp") for n in names), names
+    assert {"seq_0.rgb.json", "seq_0.event.json"} <= set(names), names
+    assert "manifest.json" not in names and "seq_1.rgb.json" not in names
+    assert any(n.startswith("seq_1.rgb.") and ".tmp" in n for n in names), names
     assert not (out / "annotations").exists()
     with pytest.raises(FileNotFoundError, match=r"incomplete frame store: .*manifest\.json is missing"):
         FrameStore(store)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from fredfusion.commands import flags
+from fredfusion.spec import MODALITIES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +22,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance-ms", type=float, default=33.0, help="max |dt| of an RGB/Event pair")
     p.add_argument("--imgsz", type=int, default=640, help="frame store width (16:9 height follows)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train sequences kept for val")
-    flags.add_workers(p, min(8, os.cpu_count() or 1), "decoding processes")
+    flags.add_workers(p, os.cpu_count() or 1, "decoding processes")
+    p.add_argument(
+        "--codec",
+        default="auto",
+        help="how the store keeps frames: auto (RGB JPEG 90, events zstd 3, lossless), raw, jpeg[:Q], "
+        "zstd[:L], or per kind: rgb=jpeg:95,event=zstd (default: auto)",
+    )
+    p.add_argument(
+        "--modalities",
+        choices=MODALITIES,
+        default="dual",
+        help="frames the store keeps: rgb, event or both (dual, the default)",
+    )
+    p.add_argument(
+        "--device",
+        default="",
+        help="cuda: decode, resize and encode the RGB frames on the GPU; cpu: all in --workers processes "
+        "(default: cuda when available)",
+    )
     flags.add_seed(p)
     p.set_defaults(func=run)
 
@@ -29,7 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Prepare ``--fred-root`` into ``--out``."""
     from fredfusion.data.prepare import prepare
+    from fredfusion.data.store import parse_codecs
+    from fredfusion.engine.runtime import pick_device
 
+    try:
+        parse_codecs(args.codec)
+    except ValueError as exc:
+        raise ValueError(f"--codec {args.codec!r}: {exc}") from None
+    device = pick_device(args.device)
     root = args.fred_root or Path(flags.default_fred_root())
     prepare(
         root,
@@ -41,5 +67,8 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        codec=args.codec,
+        modalities=args.modalities,
+        device=device if device.type == "cuda" else None,
     )
     return 0

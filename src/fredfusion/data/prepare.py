@@ -42,7 +42,8 @@ from fredfusion.data.pairing import (
     pair_sequence,
 )
 from fredfusion.data.splits import SPLIT_NAMES, SplitPlan, plan_splits
-from fredfusion.data.store import FrameRecord, StoreReport, build_store
+from fredfusion.data.store import Codec, FrameRecord, StoreReport, build_store, parse_codecs
+from fredfusion.spec import frames_for
 
 __all__ = [
     "MAX_PRINTED_PROBLEMS",
@@ -338,22 +339,46 @@ def _frame_records(by_split: dict[str, _Indexed], root: Path) -> list[FrameRecor
     return records
 
 
+@dataclass(frozen=True)
+class StoreOptions:
+    """How the frame store is built: codec per frame kind, the kinds kept, workers, device."""
+
+    codecs: dict[str, Codec]
+    kinds: tuple[str, ...]
+    workers: int = 0
+    device: Any = None
+
+
 def _frame_store(
     store_dir: Path,
     records: list[FrameRecord],
     store_wh: tuple[int, int],
-    workers: int,
+    options: StoreOptions,
     progress: bool,
     log: Callable[[str], None],
 ) -> StoreReport:
     """Build (or reuse) the frame store and log what it did, bad frames included."""
     store_w, store_h = store_wh
-    log(f"frame store {store_dir}: {len(records)} images at {store_w}x{store_h}")
-    report = build_store(store_dir, records, store_w, store_h, workers=workers, progress=progress)
+    codecs = ", ".join(f"{k} {options.codecs[k]}" for k in options.kinds)
+    where = f", {options.device}" if options.device is not None else ""
+    log(f"frame store {store_dir}: {len(records)} images at {store_w}x{store_h} ({codecs}{where})")
+    report = build_store(
+        store_dir,
+        records,
+        store_w,
+        store_h,
+        workers=options.workers,
+        progress=progress,
+        codecs=options.codecs,
+        kinds=options.kinds,
+        device=options.device,
+    )
+    per_pair = report.bytes_written / max(report.frames_written, 1)
     log(
         f"frame store: {report.built_shards} shard(s) built, {report.reused_shards} reused, "
         f"{report.frames_written} frames written in {report.seconds:.1f} s "
-        f"({report.frames_per_s:.1f} frames/s)"
+        f"({report.frames_per_s:.1f} frames/s, {report.bytes_written / 1e6:.1f} MB, "
+        f"{per_pair / 1e3:.1f} KB per image)"
     )
     for image_id, path, reason in report.bad_frames:
         log(f"bad frame, image {image_id} excluded: {path}: {reason}")
@@ -448,6 +473,9 @@ def prepare(
     progress: bool = True,
     log: Callable[[str], None] = print,
     frame_size: tuple[int, int] | None = None,
+    codec: str = "raw",
+    modalities: str = "dual",
+    device: Any = None,
 ) -> PrepareSummary:
     """Prepare a FRED tree for training; see the module docstring for the steps.
 
@@ -457,8 +485,12 @@ def prepare(
     frames of another size are bad); None reads it from the first frame found (FRED: 1280x720).
     Raises :class:`FredError` when the root is missing, holds no sequence folder, or holds
     zipped sequences without an unzipped folder ("unzip these first: ...").
+    ``codec`` is a ``--codec`` value (``store.parse_codecs``), ``modalities`` which frames the store
+    keeps (rgb, event or dual), ``device`` a torch device that encodes the RGB frames (None: the
+    ``workers`` processes do everything).
     """
     check_pairing_settings(stride, tolerance_ms)
+    options = StoreOptions(parse_codecs(codec), frames_for(modalities), workers, device)
     store_size(imgsz)  # checks imgsz before any work
     out = Path(out).expanduser().absolute()
     scan = _scan(fred_root)
@@ -472,7 +504,7 @@ def prepare(
 
     plan, by_split = _split(indexed, split, val_fraction, seed, warnings, log)
     records = _frame_records(by_split, root)
-    report = _frame_store(out / "store", records, (store_w, store_h), workers, progress, log)
+    report = _frame_store(out / "store", records, (store_w, store_h), options, progress, log)
 
     rows = {seq.seq_id: _sequence_row(seq, paired, plan.assignment[seq.seq_id]) for seq, paired in indexed}
     settings = {
@@ -486,6 +518,7 @@ def prepare(
         "store_height": store_h,
         "val_fraction": val_fraction,
         "seed": seed,
+        "codecs": {k: str(options.codecs[k]) for k in options.kinds},
     }
     info = {
         "description": "FRED (Florence RGB-Event Drone dataset) prepared by fredfusion",
