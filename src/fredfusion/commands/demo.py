@@ -9,49 +9,22 @@ from pathlib import Path
 import torch
 
 from fredfusion.commands import flags
-from fredfusion.config import load_config
-from fredfusion.spec import MODALITIES, SIZES
+from fredfusion.config import TrainConfig, load_config
+from fredfusion.spec import MODALITIES, SIZES, input_hw_for_width
 
 
-def run_demo(
-    out: Path = Path("runs/demo"),
-    sequences: int = 10,
-    frames: int = 60,
-    epochs: int | None = None,
-    modality: str = "dual",
-    model: str = "n",
-    device: str = "",
-    imgsz: int | None = None,
-    seed: int = 0,
-) -> dict:
-    """Run synth -> prepare -> train -> eval under `out`.
-
-    Returns ``{"train": the trainer's summary (best val score and its epoch), "test": the test-split
-    metrics of best.pth}``.
-    """
-    from fredfusion.commands.eval import evaluate_checkpoints
-    from fredfusion.data.prepare import prepare
-    from fredfusion.data.synth import write_sample
-    from fredfusion.engine.trainer import Trainer
-
+def demo_config(
+    prepared: Path, out: Path, modality: str, model: str, epochs: int, imgsz: int, device: str, seed: int
+) -> TrainConfig:
+    """The demo's training recipe on ``prepared``: AdamW (``optimizer: auto``) for the short schedule,
+    no freeze phase, evaluation every 5 epochs; batch 16 and no loader workers on a CPU."""
     gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    epochs = epochs or (60 if gpu else 7)
-    imgsz = imgsz or (640 if gpu else 320)
-    out = Path(out)
-    t0 = time.perf_counter()
-    fred_root = out / "fred"
-    print(f"[1/4] synth: {sequences} sequences x {frames} frames -> {fred_root}")
-    write_sample(fred_root, sequences=sequences, frames=frames, seed=seed)
-    print(f"[2/4] prepare -> {out / 'prepared'}")
-    prepared = out / "prepared"
-    prepare(fred_root, prepared, split="canonical", imgsz=imgsz, workers=2, seed=seed, progress=False)
-    height = round(imgsz * 9 / 16 / 32) * 32
-    cfg = load_config(
+    return load_config(
         overrides={
             "data": str(prepared),
             "modality": modality,
             "model": model,
-            "input_shape": [height, imgsz],
+            "input_shape": list(input_hw_for_width(imgsz)),
             "freeze_train": False,
             "unfreeze_epoch": epochs,
             "unfreeze_batch_size": 16 if not gpu else 32,
@@ -68,18 +41,63 @@ def run_demo(
             "save_period": 0,
         }
     )
-    print(f"[3/4] train: {modality} YOLO-{model}, {epochs} epochs at {imgsz}x{height}")
+
+
+def train_and_test(cfg: TrainConfig, out: Path) -> dict:
+    """Train with ``cfg``, then evaluate its best.pth on the test split into ``out``."""
+    from fredfusion.commands.eval import evaluate_checkpoints
+    from fredfusion.engine.trainer import Trainer
+
     summary = Trainer(cfg).fit()
     print("[4/4] eval on the test split")
     results = evaluate_checkpoints(
-        [cfg.run_dir() / "best.pth"], data=prepared, split="test", batch=32, device=device, out=out / "eval"
+        [cfg.run_dir() / "best.pth"], data=Path(cfg.data), split="test", batch=32, device=cfg.device, out=out
     )
-    metrics = next(iter(results.values())).metrics
+    return {"train": summary, "test": next(iter(results.values())).metrics}
+
+
+def run_demo(
+    out: Path = Path("runs/demo"),
+    sequences: int = 10,
+    frames: int = 60,
+    epochs: int | None = None,
+    modality: str = "dual",
+    model: str = "n",
+    device: str = "",
+    imgsz: int | None = None,
+    seed: int = 0,
+    codec: str = "raw",
+) -> dict:
+    """Run synth -> prepare -> train -> eval under `out`.
+
+    Returns ``{"train": the trainer's summary (best val score and its epoch), "test": the test-split
+    metrics of best.pth}``.
+    """
+    from fredfusion.data.prepare import prepare
+    from fredfusion.data.synth import write_sample
+
+    gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    epochs = epochs or (60 if gpu else 7)
+    imgsz = imgsz or (640 if gpu else 320)
+    out = Path(out)
+    t0 = time.perf_counter()
+    fred_root = out / "fred"
+    print(f"[1/4] synth: {sequences} sequences x {frames} frames -> {fred_root}")
+    write_sample(fred_root, sequences=sequences, frames=frames, seed=seed)
+    print(f"[2/4] prepare -> {out / 'prepared'}")
+    prepared = out / "prepared"
+    prepare(
+        fred_root, prepared, split="canonical", imgsz=imgsz, workers=2, seed=seed, progress=False, codec=codec
+    )
+    cfg = demo_config(prepared, out, modality, model, epochs, imgsz, device, seed)
+    print(f"[3/4] train: {modality} YOLO-{model}, {epochs} epochs at {imgsz}x{cfg.input_shape[0]}")
+    result = train_and_test(cfg, out / "eval")
+    metrics = result["test"]
     print(
         f"demo done in {time.perf_counter() - t0:.0f} s: test mAP50 {metrics['mAP50']:.4f}  "
         f"mAP50:95 {metrics['mAP50_95']:.4f}"
     )
-    return {"train": summary, "test": metrics}
+    return result
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
