@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import cv2
@@ -112,26 +111,3 @@ def test_save_png_round_trip_and_errors(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError):
         save_png(tmp_path / "file" / "b.png", img)
-
-
-def _package_imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-    return {n for n in names if n.split(".")[0] == "fredfusion"}
-
-
-def test_layers() -> None:
-    assert _package_imports(SRC / "draw.py") == set()
-    for path in (SRC / "eval").glob("*.py"):
-        bad = {
-            n for n in _package_imports(path) if n.startswith(("fredfusion.engine", "fredfusion.commands"))
-        }
-        assert not bad, f"{path.name} imports {bad}"
-    allowed = ("data", "model", "eval", "spec", "draw", "predict", "engine.runtime")
-    for path in [SRC / "show.py", *(SRC / "predict").glob("*.py")]:
-        for name in _package_imports(path):
-            assert name.removeprefix("fredfusion.").startswith(allowed), f"{path.name} imports {name}"
