@@ -3,19 +3,18 @@ side-by-side panels, grids of tiles and PNG files.
 
 The one set of picture primitives behind ``show``, ``predict`` and the evaluation pictures. Images
 are ``(H, W, 3)`` RGB uint8 arrays, boxes ``(n, 4)`` x1, y1, x2, y2 in image pixels. Imports
-numpy and OpenCV only.
+numpy, OpenCV and the atomic writer only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from fredfusion.files import atomic_write
 
 __all__ = [
     "GRID_GAP",
@@ -149,14 +148,4 @@ def save_png(path: Path, image_rgb: np.ndarray) -> Path:
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(np.asarray(image_rgb, dtype=np.uint8)[..., ::-1]))
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.tobytes())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda fh: fh.write(buf.tobytes()))

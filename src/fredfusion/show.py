@@ -27,7 +27,7 @@ from fredfusion.draw import (
     side_by_side,
 )
 from fredfusion.draw import tile_grid as pair_grid
-from fredfusion.spec import DEFAULT_INPUT_HW, FRAME_KINDS
+from fredfusion.spec import DEFAULT_INPUT_HW, FRAME_KINDS, check_hw
 
 __all__ = [
     "BOX_COLOR",
@@ -64,16 +64,6 @@ def default_input_hw(
         return int(base_hw[0]), int(base_hw[1])
     w = max(32, sw // 32 * 32)
     h = max(32, math.ceil(w * sh / sw / 32) * 32)
-    return h, w
-
-
-def _check_hw(hw: Sequence[int], what: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in hw)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be two integers H W, got {hw!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"{what} must be positive, got {h} {w}")
     return h, w
 
 
@@ -145,7 +135,7 @@ def render_pairs(
 
         from fredfusion.data.augment import AugmentConfig, augment_batch, valid_targets
 
-        hw = _check_hw(input_hw, "--input-shape") if input_hw else default_input_hw(ds.store_hw)
+        hw = check_hw(input_hw, "--input-shape") if input_hw else default_input_hw(ds.store_hw)
         rows = [
             np.concatenate([np.full((len(b), 1), k, np.float32), np.zeros((len(b), 1), np.float32), b], 1)
             for k, b in enumerate(fb.boxes)

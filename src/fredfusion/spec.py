@@ -73,16 +73,22 @@ def model_inputs(modality: str, rgb: T | None, event: T | None) -> tuple[T | Non
     return (rgb if "rgb" in wanted else None), (event if "event" in wanted else None)
 
 
-def check_input_hw(hw: Sequence[Any], what: str = "input shape") -> tuple[int, int]:
-    """``(height, width)`` as ints when both are positive multiples of INPUT_MULTIPLE, else ValueError
+def check_hw(hw: Sequence[Any], what: str, multiple: int = 1) -> tuple[int, int]:
+    """``(height, width)`` as ints when both are positive (multiples of ``multiple``), else ValueError
     naming ``what`` (a flag or a file)."""
     try:
         h, w = (int(v) for v in hw)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be two integers H W, got {hw!r}") from None
-    if h <= 0 or w <= 0 or h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
-        raise ValueError(f"{what} H W must be positive multiples of {INPUT_MULTIPLE}, got {h} {w}")
+    if h <= 0 or w <= 0 or h % multiple or w % multiple:
+        kind = "positive" if multiple == 1 else f"positive multiples of {multiple}"
+        raise ValueError(f"{what} H W must be {kind}, got {h} {w}")
     return h, w
+
+
+def check_input_hw(hw: Sequence[Any], what: str = "input shape") -> tuple[int, int]:
+    """``check_hw`` for a network input: both sides multiples of INPUT_MULTIPLE."""
+    return check_hw(hw, what, INPUT_MULTIPLE)
 
 
 def input_hw_for_width(width: int, aspect: float = 9 / 16) -> tuple[int, int]:

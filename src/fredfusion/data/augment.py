@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fredfusion.spec import FRAME_KINDS
+from fredfusion.spec import FRAME_KINDS, check_hw
 
 __all__ = [
     "INVALID_ROW",
@@ -123,13 +123,7 @@ def _check_images(rgb: Tensor | None, event: Tensor | None) -> tuple[int, int, i
 
 
 def _check_out_hw(out_hw: tuple[int, int]) -> tuple[int, int]:
-    try:
-        out_h, out_w = (int(v) for v in out_hw)
-    except (TypeError, ValueError):
-        raise ValueError(f"augment: out_hw must be (height, width), got {out_hw!r}") from None
-    if out_h <= 0 or out_w <= 0:
-        raise ValueError(f"augment: out_hw must be positive, got {out_hw!r}")
-    return out_h, out_w
+    return check_hw(out_hw, "augment: out_hw")
 
 
 def _rows_ok(targets: Tensor, batch: int) -> Tensor:
