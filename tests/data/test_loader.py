@@ -193,3 +193,59 @@ def test_unreadable_images_arrive_marked_with_their_batch(
     assert sorted(seen_bad) == [6, 7, 8, 9]
     with pytest.raises(OSError, match=r"seq_1\.event\.u8: 0 bytes"):
         list(BatchLoader(PreparedDataset(root, "train"), batch_size=N, drop_last=False))
+
+
+def _jpeg_store(prepared: Path, root: Path) -> PreparedDataset:
+    """A copy of ``prepared`` whose store keeps RGB as JPEG and events as zstd."""
+    from fredfusion.data.store import parse_codecs
+
+    shutil.copytree(prepared / "annotations", root / "annotations")
+    coco = json.loads((root / "annotations" / "instances_train.json").read_text())
+    fred = Path(coco["info"]["fred_root"])
+    records = [
+        FrameRecord(
+            im["id"],
+            im["sequence_id"],
+            fred / im["rgb_file_name"],
+            fred / im["event_file_name"],
+            (SRC_W, SRC_H),
+        )
+        for im in coco["images"]
+    ]
+    build_store(root / "store", records, W, H, progress=False, codecs=parse_codecs("auto"))
+    return PreparedDataset(root, "train", skip_bad=True)
+
+
+def test_device_decode_equals_worker_decode(prepared: Path, tmp_path: Path) -> None:
+    """The GPU path (checked JPEG bytes decoded in one batched call) run on the CPU gives the same
+    batches as the workers' decoding, bad frames included; with TorchCodec and with torchvision."""
+    from fredfusion.data import device_decode
+
+    ds = _jpeg_store(prepared, tmp_path / "jpeg")
+    assert ds.device_decodable() == ("rgb",)
+    meta = json.loads((tmp_path / "jpeg" / "store" / "seq_0.rgb.json").read_text())
+    data = bytearray((tmp_path / "jpeg" / "store" / meta["file"]).read_bytes())
+    data[meta["offsets"][2] + meta["sizes"][2] // 2] ^= 0x10  # image 2: a flipped bit
+    (tmp_path / "jpeg" / "store" / meta["file"]).write_bytes(bytes(data))
+    ds = PreparedDataset(tmp_path / "jpeg", "train", skip_bad=True)
+    workers = list(BatchLoader(ds, batch_size=4, drop_last=False, seed=5, decode="workers"))
+    for name, decoder in (
+        ("torchcodec", device_decode.torchcodec_decoder),
+        ("torchvision", device_decode.torchvision_decoder),
+    ):
+        device_decode.jpeg_decoder.cache_clear()
+        original = device_decode.jpeg_decoder
+        device_decode.jpeg_decoder = lambda decoder=decoder, name=name: (name, decoder())  # type: ignore[assignment]
+        try:
+            on_device = list(BatchLoader(ds, batch_size=4, drop_last=False, seed=5, decode="device"))
+        finally:
+            device_decode.jpeg_decoder = original
+        for a, b in zip(workers, on_device, strict=True):
+            assert torch.equal(a.ids, b.ids) and torch.equal(a.bad, b.bad), name
+            assert a.problems == b.problems and torch.equal(a.targets, b.targets)
+            assert torch.equal(a.rgb.contiguous(), b.rgb.contiguous()), name
+            assert torch.equal(a.event, b.event)
+    bad = [p for batch in workers for p in batch.problems]
+    assert [(p[0], p[2]) for p in bad] == [(2, "corrupt jpeg frame 2 (CRC-32 mismatch)")]
+    with pytest.raises(ValueError, match="decode must be one of"):
+        BatchLoader(ds, batch_size=2, decode="gpu")

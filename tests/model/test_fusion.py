@@ -99,3 +99,19 @@ def test_make_fusion() -> None:
         make_fusion("sum", 8)
     with pytest.raises(ValueError, match=r"'early'"):
         make_fusion("early", 8)
+
+
+def test_every_fusion_of_the_spec_builds_a_dual_model() -> None:
+    """spec.FUSIONS is the one list: each name builds a dual model whose forward runs (early fusion
+    is one 6-channel backbone; the others a block from make_fusion at every scale)."""
+    from fredfusion.model.detector import build_model
+    from fredfusion.spec import FUSIONS
+
+    x = torch.rand(1, 3, 64, 64)
+    for fusion in FUSIONS:
+        model = build_model("dual", "n", fusion).eval()
+        assert model.fusion == fusion
+        with torch.no_grad():
+            assert [tuple(p.shape[2:4]) for p in model(x, x)] == [(8, 8), (4, 4), (2, 2)]
+        if fusion != "early":
+            assert type(model.fusion_p3) is type(make_fusion(fusion, 8))

@@ -19,29 +19,40 @@ from fredfusion.data.store import EncodedFrames
 Decoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
 
 
+def torchcodec_decoder() -> Decoder:
+    """TorchCodec's batched JPEG decoder (ImportError when TorchCodec is not installed)."""
+    from torchcodec.decoders import decode_jpeg
+
+    return lambda data, device: decode_jpeg(data, mode="RGB", device=device)
+
+
+def torchvision_decoder() -> Decoder:
+    """torchvision's batched JPEG decoder (deprecated from torchvision 0.29, present through it)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    return decode
+
+
 @functools.cache
 def jpeg_decoder() -> tuple[str, Decoder]:
     """(library name, batched decoder): TorchCodec when importable, else torchvision.io."""
     try:
-        from torchcodec.decoders import decode_jpeg as tc_decode
-
-        return "torchcodec", lambda data, device: tc_decode(data, mode="RGB", device=device)
+        return "torchcodec", torchcodec_decoder()
     except ImportError:
-        pass
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_jpeg as tv_decode
-
-    def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=UserWarning)
-            return tv_decode(data, mode=ImageReadMode.RGB, device=device)
-
-    return "torchvision", decode
+        return "torchvision", torchvision_decoder()
 
 
-def decode_frames(frames: EncodedFrames, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+def decode_frames(
+    frames: EncodedFrames, hw: tuple[int, int], device: torch.device, decoder: Decoder | None = None
+) -> torch.Tensor:
     """``(B, 3, H, W)`` uint8 on ``device`` from a batch of encoded JPEG frames; an empty frame (none, or
-    a bad image) is zeros. The frames were checked (CRC-32) when read; their size is the store's."""
+    a bad image) is zeros. The frames were checked (CRC-32) when read; their size is the store's.
+    ``decoder`` defaults to ``jpeg_decoder()``."""
     data = torch.as_tensor(frames.data)
     sizes = [int(s) for s in frames.sizes]
     out = torch.zeros((len(sizes), 3, *hw), dtype=torch.uint8, device=device)
@@ -49,7 +60,7 @@ def decode_frames(frames: EncodedFrames, hw: tuple[int, int], device: torch.devi
     if not present:
         return out
     parts = torch.split(data, sizes)
-    _name, decode = jpeg_decoder()
+    decode = decoder or jpeg_decoder()[1]
     images = decode([parts[k] for k in present], device)
     index = torch.as_tensor(present, device=device)
     out.index_copy_(0, index, torch.stack(images))
