@@ -254,7 +254,9 @@ def _bench_read(
     batch, workers = cfg.unfreeze_batch_size, cfg.num_workers
     mods = frames_for(ds.modality)
     h, w = ds.store_hw
-    bytes_per_pair = h * w * 3 * len(mods)
+    bytes_per_pair = (
+        sum(ds.store.stored_bytes(m) for m in mods) if ds.store is not None else h * w * 3 * len(mods)
+    )
     # one process: PreparedDataset.load (the store gather) into pinned buffers, random batches
     n = min(batch, len(ds))
     pin = device.type == "cuda"
@@ -279,17 +281,24 @@ def _bench_read(
     _sync(device)
     rate = seen / max(time.perf_counter() - t0, 1e-9)
     batches.close()
+    where = (
+        f"{'+'.join(loader.device_kinds)} decoded on {device.type}"
+        if loader.device_kinds
+        else "decoded in workers"
+    )
     return {
         "pairs_per_s": rate,
         "gib_per_s": rate * bytes_per_pair / 2**30,
         "gather_pairs_per_s": gather,
         "gather_gib_per_s": gather * bytes_per_pair / 2**30,
         "bytes_per_pair": bytes_per_pair,
+        "codecs": {m: str(ds.store.codecs[m]) for m in mods} if ds.store is not None else {},
+        "device_decoded": list(loader.device_kinds),
         "workers": workers,
         "pinned": pin,
         "detail": (
-            f"BatchLoader {workers} workers -> {device.type}, {rate * bytes_per_pair / 2**30:.2f} GiB/s; "
-            f"1 process gather {_fmt(gather)} pairs/s"
+            f"BatchLoader {workers} workers -> {device.type} ({where}), {bytes_per_pair / 1e3:.0f} KB/pair "
+            f"stored, {rate * bytes_per_pair / 2**30:.2f} GiB/s; 1 process read+decode {_fmt(gather)} pairs/s"
         ),
     }
 
