@@ -130,7 +130,7 @@ def main() -> None:
     t0 = time.perf_counter()
     summary = prepare(
         tree, prepared, split="canonical", imgsz=args.imgsz, workers=args.workers, progress=False,
-        codec=args.codec, device=args.device or None, log=lambda _m: None,
+        codec=args.codec, device=args.device if args.device.startswith("cuda") else None, log=lambda _m: None,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     store = summary.store

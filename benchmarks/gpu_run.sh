@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/PERFORMANCE.md in one run on an H100/H200 machine without network access.
 # Before (on a machine with network, from the repo root):
-#   ../shared/tools/device-wheels.sh ultralytics==8.4.190 ultralytics-thop polars polars-runtime-32
+#   ../shared/tools/device-wheels.sh ultralytics==8.4.190 ultralytics-thop polars polars-runtime-32 \
+#     simplejpeg==1.9.0 zstandard==0.25.0 torchcodec==0.17.0 scikit-image==0.26.0 lazy-loader \
+#     imageio tifffile networkx scipy
 # then carry .whl/ to the GPU machine and run: bash benchmarks/gpu_run.sh OUT_DIR [BUDGET_S]
 # Every step has a time limit inside BUDGET_S (default 540) and writes its log under a work folder;
 # a failing step does not stop the others. OUT_DIR receives summary.log (every step's tail) and
@@ -41,9 +43,11 @@ step() {  # step NAME LIMIT_S command...
 if [ "${SMALL:-0}" = 1 ]; then
   SEQ=6 FRAMES=40 SRC="320 180" IMGSZ=320 HW="192 320" MODEL=n BATCH=8 STEPS=3 WARM=1 WORKERS=2 EPOCHS=1
   IMAGES=2000 DEMO=(--epochs 1 --frames 20 --sequences 6) DEV=cpu SUITE=(tests/test_config.py)
+  SCALE=(--sequences 1 --frames 60 --read-seconds 2) CODEC_FRAMES=8
 else
   SEQ=12 FRAMES=320 SRC="640 360" IMGSZ=640 HW="384 640" MODEL=s BATCH=128 STEPS=30 WARM=5 WORKERS=12 EPOCHS=3
   IMAGES=100000 DEMO=() DEV=cuda SUITE=(-n 6 --deselect tests/engine/test_convergence.py)  # the demo runs beside it
+  SCALE=(--sequences 4 --frames 3050 --read-seconds 10) CODEC_FRAMES=64
 fi
 read -r SRC_W SRC_H <<<"$SRC"
 
@@ -69,7 +73,7 @@ with Pool(min(seq, 12)) as pool:
     pool.map(one, range(seq))
 print(f"wrote {seq} sequences x {frames} frames at {w}x{h}")
 EOF
-  step prepare 90 $FF prepare --fred-root "$D/fred" --out "$D/prep" --imgsz "$IMGSZ" --workers 12
+  step prepare 90 $FF prepare --fred-root "$D/fred" --out "$D/prep" --imgsz "$IMGSZ" --workers 12 --device cpu
   CUDA_VISIBLE_DEVICES= TAIL=6 step cpu_suite 150 python3 -m pytest -q -rfE -p no:cacheprovider "${SUITE[@]}"
   step coco_100k 90 python3 benchmarks/bench_coco_metrics.py --images "$IMAGES"
 ) &
@@ -79,6 +83,12 @@ wait $BG
 
 # Phase B: the GPU path alone.
 step cuda_tests 60 python3 -m pytest -q -p no:cacheprovider tests/data/test_augment.py -k cuda
+# the data-scale figures: codecs (GPU decode rates), prepare on the GPU at FRED's frame counts, random
+# reads of the compressed store through the loader, extrapolation to all of FRED
+TAIL=40 step codecs 60 python3 benchmarks/bench_codecs.py --frames "$CODEC_FRAMES" --out "$W/codecs.json"
+TAIL=30 step fred_scale 120 python3 benchmarks/bench_fred_scale.py "${SCALE[@]}" --device "$DEV" --workers 12 \
+  --batch "$BATCH" --out "$D/scale"
+cp "$D/scale/bench_fred_scale.json" "$W/" 2>/dev/null
 BENCH=(--data "$D/prep" --model "$MODEL" --batch "$BATCH" --eval-batch $((BATCH * 2)) --input-shape $HW
   --workers "$WORKERS" --steps "$STEPS" --warmup "$WARM" --device "$DEV")
 step bench_dual 90 $FF bench --modality dual "${BENCH[@]}" --out "$W/bench_dual"
