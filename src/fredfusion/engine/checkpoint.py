@@ -187,4 +187,7 @@ def resume_training(
     if payload.get("scaler"):
         scaler.load_state_dict(payload["scaler"])
     torch.set_rng_state(payload["rng"]["torch"])
+    cuda_states = payload["rng"].get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
     return payload
