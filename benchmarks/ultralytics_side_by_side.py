@@ -61,8 +61,8 @@ import torch
 import yaml
 
 from fredfusion.bench import environment, torch_threads
-from fredfusion.data.coco import write_json_atomic
 from fredfusion.data.dataset import PreparedDataset
+from fredfusion.files import write_json_atomic
 
 INSTALL_HINT = 'pip install --no-deps "ultralytics>=8.3" ultralytics-thop polars psutil'
 CI_SIZE = {

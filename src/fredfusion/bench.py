@@ -659,7 +659,7 @@ def run_bench(
         _measure(report, cfg, train_set, device, net, wrapped, log or (lambda _m: None))
         report["verdict"], report["bottleneck"] = verdict(report["results"])
         if out is not None:
-            from fredfusion.data.coco import write_json_atomic
+            from fredfusion.files import write_json_atomic
 
             path = Path(out) / "bench.json"
             write_json_atomic(path, report, indent=2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import math
@@ -14,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from fredfusion.files import write_text_atomic
 from fredfusion.spec import (
     DEFAULT_INPUT_HW,
     FUSIONS,
@@ -347,12 +347,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 def save_config(cfg: TrainConfig, path: Path) -> None:
     """Write the effective config as YAML (atomically); OSError becomes a ConfigError naming the file."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise ConfigError(f"{path}: cannot write config ({exc.strerror or exc})") from None

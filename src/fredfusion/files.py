@@ -41,10 +41,17 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = Tr
     return path
 
 
-def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically (compact unless ``indent``)."""
+def write_json_atomic(
+    path: Path, data: Any, indent: int | None = None, default: Callable[[Any], Any] | None = None
+) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (compact unless ``indent``; ``default`` converts
+    objects json does not know)."""
     separators = None if indent else (",", ":")
-    return atomic_write(path, lambda fh: json.dump(data, fh, indent=indent, separators=separators), False)
+
+    def write(fh: IO[Any]) -> None:
+        json.dump(data, fh, indent=indent, separators=separators, default=default)
+
+    return atomic_write(path, write, binary=False)
 
 
 def write_text_atomic(path: Path, text: str) -> Path:

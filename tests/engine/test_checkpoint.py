@@ -144,3 +144,17 @@ def test_missing_and_garbage_files(tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_bytes(b"\x00\x01junk")
     with pytest.raises(CheckpointError, match=r"junk\.pth"):
         load_checkpoint(tmp_path / "junk.pth")
+
+
+def test_checkpoints_and_copies_get_the_umask_mode(tmp_path: Path) -> None:
+    """Teammates can read best.pth: written with 0666 less the umask, not a temp file's 0600."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        save_checkpoint({"x": torch.zeros(1)}, tmp_path / "last.pth")
+        copy_checkpoint(tmp_path / "last.pth", tmp_path / "best.pth")
+    finally:
+        os.umask(mask)
+    for name in ("last.pth", "best.pth"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +12,9 @@ import numpy as np
 from fredfusion.data.fred import FRAME_HEIGHT, FRAME_WIDTH, FredError
 from fredfusion.data.pairing import PairedImage
 from fredfusion.data.paths import UnsafePathError, check_relative_name
+from fredfusion.files import write_json_atomic
 
-__all__ = ["CATEGORIES", "build_coco", "load_coco", "write_coco", "write_json_atomic"]
+__all__ = ["CATEGORIES", "build_coco", "load_coco", "write_coco"]
 
 CATEGORIES: list[dict[str, Any]] = [{"id": 1, "name": "drone"}]
 _REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -128,26 +126,6 @@ def _umask() -> int:
     except (OSError, ValueError):
         pass
     return 0o022
-
-
-def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
-    """Write ``data`` as JSON to ``path`` via a temporary file and ``os.replace``.
-
-    The file gets the mode a plain ``open`` would give (0666 less the umask), so that a prepared
-    folder can be shared with other users like the frame store next to it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=indent, separators=None if indent else (",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_coco(path: Path, coco: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ import cv2
 from tqdm import tqdm
 
 from fredfusion import __version__
-from fredfusion.data.coco import build_coco, write_coco, write_json_atomic
+from fredfusion.data.coco import build_coco, write_coco
 from fredfusion.data.fred import (
     EVENT_DIR,
     FRAME_HEIGHT,
@@ -43,6 +43,7 @@ from fredfusion.data.pairing import (
 )
 from fredfusion.data.splits import SPLIT_NAMES, SplitPlan, plan_splits
 from fredfusion.data.store import Codec, FrameRecord, StoreReport, build_store, parse_codecs
+from fredfusion.files import write_json_atomic
 from fredfusion.spec import frames_for
 
 __all__ = [

@@ -6,7 +6,6 @@ a run continues from its ``last.pth``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -21,6 +20,7 @@ from torch import nn
 from fredfusion.config import TrainConfig
 from fredfusion.engine.ema import ModelEMA, unwrap
 from fredfusion.engine.errors import TrainingStopped
+from fredfusion.files import atomic_write
 from fredfusion.model.weights import CheckpointError, load_checkpoint, model_meta
 
 
@@ -37,22 +37,10 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     no permission, ...) becomes a CheckpointError naming the path and the reason.
     """
     path = Path(path)
-    tmp_name: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _write_error(path, exc) from exc
-        raise
+        atomic_write(path, write)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:

@@ -17,7 +17,6 @@ non-crowd boxes.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -39,6 +38,7 @@ from fredfusion.eval.coco_metrics import (
 )
 from fredfusion.eval.evaluator import EvalResult
 from fredfusion.eval.plots import error_tile, plot_pr_curve
+from fredfusion.files import write_json_atomic
 from fredfusion.spec import FRAME_KINDS
 
 __all__ = ["breakdowns", "compare_table", "format_table", "write_report"]
@@ -207,11 +207,7 @@ def _clean(obj: Any) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as handle:
-        json.dump(_clean(obj), handle, default=_json_default)
-    tmp.replace(path)
-    return path
+    return write_json_atomic(path, _clean(obj), default=_json_default)
 
 
 def _load_frames(dataset: Any, ids: list[int]) -> Any:
