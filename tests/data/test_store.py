@@ -569,3 +569,26 @@ def test_device_build_matches_the_cpu_build(tmp_path: Path) -> None:
     assert np.array_equal(a["event"], b["event"])
     assert _psnr(a["rgb"], b["rgb"]) > 40
     assert not b["rgb"][-2:].any()  # the two bad sources
+
+
+def test_dataset_on_a_one_modality_store(tmp_path: Path) -> None:
+    """An rgb-only store serves rgb datasets (events read as zeros where both are asked for, e.g. the
+    eval gallery) and refuses models that need the missing kind, naming it."""
+    from fredfusion.data.dataset import PreparedDataset
+
+    recs = _make_records(tmp_path / "src", {0: 2})
+    root = tmp_path / "prepared"
+    build_store(root / "store", recs, W, H, progress=False, codecs=parse_codecs("auto"), kinds=("rgb",))
+    images = [
+        {"id": r.image_id, "width": SRC_W, "height": SRC_H, "sequence_id": 0, "rgb_file_name": "x",
+         "event_file_name": "y", "pair_status": "dual"}
+        for r in recs
+    ]  # fmt: skip
+    (root / "annotations").mkdir()
+    coco = {"info": {"store_width": W, "store_height": H}, "images": images, "annotations": []}
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    ds = PreparedDataset(root, "train", modality="rgb")
+    batch = ds.load([1, 0], ("rgb", "event"))
+    assert batch.rgb.any() and not batch.event.any() and not batch.has_event.any()
+    with pytest.raises(ValueError, match="holds no event frames"):
+        PreparedDataset(root, "train", modality="dual").load([0])

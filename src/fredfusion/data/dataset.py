@@ -245,6 +245,8 @@ class PreparedDataset:
         skip = self.skip_bad if skip_bad is None else bool(skip_bad)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         mods = frames_for(self.modality) if modalities is None else tuple(modalities)
+        if self.store is not None:  # a store built for one modality: the other reads as zeros, if optional
+            mods = tuple(m for m in mods if m in self.store.kinds or m in frames_for(self.modality))
         if encoded:
             return self._load_encoded(ids, mods, out, skip, tuple(encoded))
         pos = np.asarray([self._pos(i) for i in ids], dtype=np.int64)
