@@ -111,6 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None, help="default: 7 on CPU, 60 on GPU")
     p.add_argument("--modality", choices=MODALITIES, default="dual", help="default: dual")
     p.add_argument("--model", choices=tuple(SIZES), default="n", help="model size (default: n)")
+    p.add_argument("--codec", default="raw", help="frame store codec, as for prepare (default: raw)")
     flags.add_device(p)
     p.set_defaults(func=run)
 
@@ -125,5 +126,6 @@ def run(args: argparse.Namespace) -> int:
         modality=args.modality,
         model=args.model,
         device=args.device,
+        codec=args.codec,
     )
     return 0
