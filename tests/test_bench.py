@@ -75,11 +75,23 @@ def test_bench_cli_smoke(tiny_prepared: Path, tmp_path: Path, capsys: pytest.Cap
     assert step["ms_per_step"] == pytest.approx(1000 * 4 / step["pairs_per_s"])
     assert results["eval"]["split"] == "val"
     assert results["eval"]["images"] >= 2 * 4
-    assert results["read"]["bytes_per_pair"] == 72 * 128 * 3 * 2
+    assert results["read"]["bytes_per_pair"] == pytest.approx(
+        _stored_per_image(tiny_prepared, "rgb", "event")
+    )
+    assert results["read"]["codecs"] == {"rgb": "jpeg:90", "event": "zstd:3"}
     assert report["config"]["input_hw"] == [64, 128]
     assert report["config"]["store_hw"] == [72, 128]
     assert report["environment"]["device"] == "cpu"
     assert report["environment"]["torch_threads"] == 1
+
+
+def _stored_per_image(prepared: Path, *kinds: str) -> float:
+    """Bytes the frame store holds per image for ``kinds``: the data files' sizes over the image count."""
+    store = prepared / "store"
+    manifest = json.loads((store / "manifest.json").read_text())
+    images = sum(s["n"] for s in manifest["shards"])
+    files = [p for kind in kinds for p in store.glob(f"seq_*.{kind}.*") if p.suffix != ".json"]
+    return sum(p.stat().st_size for p in files) / images
 
 
 def test_bench_skip_parts_and_no_file(tiny_prepared: Path, tmp_path: Path) -> None:
@@ -98,7 +110,9 @@ def test_bench_skip_parts_and_no_file(tiny_prepared: Path, tmp_path: Path) -> No
         cfg, steps=1, warmup=0, out=None, skip=["augment", "step", "train", "eval"], log=lines.append
     )
     assert list(report["results"]) == ["read"]
-    assert report["results"]["read"]["bytes_per_pair"] == 72 * 128 * 3  # rgb only
+    assert report["results"]["read"]["bytes_per_pair"] == pytest.approx(
+        _stored_per_image(tiny_prepared, "rgb")
+    )
     assert report["bottleneck"] == "read"
     assert "path" not in report
     table = lines[-1].splitlines()

@@ -297,6 +297,11 @@ def test_read_only_run_folder_fails_before_training(prepared: Path, tmp_path: Pa
 # ---------------------------------------------------------------------------------- bad frames
 
 
+def _data_file(store: Path, seq: int, kind: str) -> Path:
+    """The data file of one sequence and frame kind, whatever the codec (not its json)."""
+    return next(p for p in store.glob(f"seq_{seq}.{kind}.*") if p.suffix != ".json")
+
+
 def _epoch_sequences(data: Path, batch: int, n_batches: int) -> list[int]:
     """Sequence of each train image the first epoch visits (the loader's order)."""
     ds = PreparedDataset(data, "train")
@@ -321,7 +326,7 @@ def test_images_damaged_during_training_are_skipped_counted_and_reported(
 ) -> None:
     batches(2)
     seqs = _epoch_sequences(prepared, 4, 2)
-    shard = prepared / "store" / "seq_1.rgb.u8"
+    shard = _data_file(prepared / "store", 1, "rgb")
     _truncate_after_start(monkeypatch, shard)
     logs: list[str] = []
     summary = _trainer(prepared, tmp_path, logs, max_bad_frame_share=0.5, num_workers=1).fit()
@@ -338,7 +343,7 @@ def test_too_many_unreadable_images_stop_the_run(
     seqs = _epoch_sequences(prepared, 4, 2)
     first_bad_batch = next(k // 4 for k, s in enumerate(seqs) if s == 1)
     at_least = seqs[: 4 * (first_bad_batch + 1)].count(1)
-    shard = prepared / "store" / "seq_1.rgb.u8"
+    shard = _data_file(prepared / "store", 1, "rgb")
     _truncate_after_start(monkeypatch, shard)
     with pytest.raises(TrainingStopped) as info:
         _trainer(prepared, tmp_path / "a", []).fit()
@@ -362,8 +367,7 @@ def test_damaged_val_images_stop_before_training(tiny_prepared: Path, tmp_path: 
     shutil.copytree(tiny_prepared, root)
     val = PreparedDataset(root, "val")
     seq = val.sequence_of(int(val.ids[0]))
-    (root / "store" / f"seq_{seq}.event.u8").unlink()
-    with pytest.raises(
-        TrainingStopped, match=rf"of {len(val)} val images .*seq_{seq}\.event\.u8: missing file"
-    ):
+    event_file = _data_file(root / "store", seq, "event")
+    event_file.unlink()
+    with pytest.raises(TrainingStopped, match=rf"of {len(val)} val images .*{event_file.name}: missing file"):
         _trainer(root, tmp_path, []).fit()

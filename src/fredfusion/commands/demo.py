@@ -66,7 +66,7 @@ def run_demo(
     device: str = "",
     imgsz: int | None = None,
     seed: int = 0,
-    codec: str = "raw",
+    codec: str = "auto",
 ) -> dict:
     """Run synth -> prepare -> train -> eval under `out`.
 
@@ -111,7 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None, help="default: 7 on CPU, 60 on GPU")
     p.add_argument("--modality", choices=MODALITIES, default="dual", help="default: dual")
     p.add_argument("--model", choices=tuple(SIZES), default="n", help="model size (default: n)")
-    p.add_argument("--codec", default="raw", help="frame store codec, as for prepare (default: raw)")
+    p.add_argument("--codec", default="auto", help="frame store codec, as for prepare (default: auto)")
     flags.add_device(p)
     p.set_defaults(func=run)
 

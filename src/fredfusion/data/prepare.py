@@ -474,7 +474,7 @@ def prepare(
     progress: bool = True,
     log: Callable[[str], None] = print,
     frame_size: tuple[int, int] | None = None,
-    codec: str = "raw",
+    codec: str = "auto",
     modalities: str = "dual",
     device: Any = None,
 ) -> PrepareSummary:
