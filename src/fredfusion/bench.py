@@ -284,7 +284,7 @@ def _bench_read(
     where = (
         f"{'+'.join(loader.device_kinds)} decoded on {device.type}"
         if loader.device_kinds
-        else "decoded in workers"
+        else "decoded on the CPU"
     )
     return {
         "pairs_per_s": rate,
