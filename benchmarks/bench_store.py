@@ -26,7 +26,7 @@ import torch
 
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import BatchLoader
-from fredfusion.data.store import FrameRecord, FrameStore, build_store
+from fredfusion.data.store import FrameRecord, FrameStore, build_store, parse_codecs
 
 
 def _records(root: Path, limit: int) -> tuple[list[FrameRecord], int, int]:
@@ -55,7 +55,9 @@ def _records(root: Path, limit: int) -> tuple[list[FrameRecord], int, int]:
     return records, size[0], size[1]
 
 
-def make_fake(root: Path, n: int, unique: int, workers: int, width: int = 640, height: int = 360) -> None:
+def make_fake(
+    root: Path, n: int, unique: int, workers: int, codec: str = "auto", width: int = 640, height: int = 360
+) -> None:
     """Write a fake prepared folder: FRED-like 1280x720 sources, COCO train split, frame store."""
     fred = root / "fred"
     (fred / "src").mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,7 @@ def make_fake(root: Path, n: int, unique: int, workers: int, width: int = 640, h
     }
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     (root / "annotations" / "instances_train.json").write_text(json.dumps(coco))
-    report = build_store(root / "store", records, width, height, workers=workers)
+    report = build_store(root / "store", records, width, height, workers=workers, codecs=parse_codecs(codec))
     print(f"fake folder {root}: {n} pairs, store built at {report.frames_per_s:.0f} pairs/s")
 
 
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "--build-frames", type=int, default=1000, help="images rebuilt for the build rate (0: skip)"
     )
     ap.add_argument("--device", default="cpu", help="BatchLoader target device (cpu, cuda)")
+    ap.add_argument("--codec", default="auto", help="store codec of the fake folder and the build rate")
     ap.add_argument("--reads", type=int, default=50, help="random batches per read measurement")
     ap.add_argument(
         "--make-fake", type=int, default=0, metavar="N", help="first create a fake folder of N pairs"
@@ -132,12 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.make_fake and not (args.data / "store" / "manifest.json").is_file():
-        make_fake(args.data, args.make_fake, args.fake_unique, args.workers)
+        make_fake(args.data, args.make_fake, args.fake_unique, args.workers, args.codec)
 
     if args.build_frames > 0:
         records, w, h = _records(args.data, args.build_frames)
         with tempfile.TemporaryDirectory(dir=args.data) as tmp:
-            report = build_store(Path(tmp) / "store", records, w, h, workers=args.workers, progress=False)
+            report = build_store(
+                Path(tmp) / "store",
+                records,
+                w,
+                h,
+                workers=args.workers,
+                progress=False,
+                codecs=parse_codecs(args.codec),
+            )
         print(
             f"build: {report.frames_written} pairs at {w}x{h} with {args.workers} workers in "
             f"{report.seconds:.2f} s = {report.frames_per_s:.0f} pairs/s "
@@ -146,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
 
     store = FrameStore(args.data / "store")
     ds = PreparedDataset(args.data, args.split)
-    pair_bytes = 2 * store.bytes_per_frame
+    pair_bytes = sum(store.stored_bytes(kind) for kind in store.kinds)
+    codecs = ", ".join(f"{k} {c}" for k, c in store.codecs.items())
     print(
-        f"store: {len(store)} pairs at {store.width}x{store.height}, {pair_bytes} bytes per pair, "
-        f"{len(store) * pair_bytes / 2**30:.2f} GiB"
+        f"store: {len(store)} pairs at {store.width}x{store.height} ({codecs}), {pair_bytes:.0f} bytes per "
+        f"pair stored, {len(store) * pair_bytes / 2**30:.2f} GiB"
     )
     rng = np.random.default_rng(0)
 
