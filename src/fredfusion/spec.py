@@ -13,6 +13,9 @@ from typing import Any, TypeVar
 MODALITIES: tuple[str, ...] = ("rgb", "event", "dual")
 """What a model looks at: RGB frames, event frames, or both of one RGB/Event pair."""
 
+ARCHS: tuple[str, ...] = ("yolov5", "yolov8")
+"""Detector families: anchor-based YOLOv5 v6 (the old tool's) and anchor-free YOLOv8-style."""
+
 FRAME_KINDS: tuple[str, ...] = ("rgb", "event")
 """The kinds of frame a prepared folder holds, one per sensor."""
 

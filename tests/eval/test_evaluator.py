@@ -12,6 +12,7 @@ from torch import nn
 from fredfusion.data.dataset import FrameBatch
 from fredfusion.eval.evaluator import EvalResult, evaluate, predict_frames, restrict_gt
 from fredfusion.eval.plots import COLOR_PRED, draw_pair_preview
+from fredfusion.model.postprocess import decode
 
 STORE_HW = (72, 128)  # store frames; originals are 1280x720 (scale 0.1)
 INPUT_HW = (64, 96)  # letterbox: scale 0.75, pad_x 0, pad_y 5
@@ -99,6 +100,10 @@ class FakeModel(nn.Module):
             maps[0][i, 0, ROW, 2 + k, 4] = math.log(0.9 / 0.1)  # objectness 0.9
             maps[0][i, 0, ROW, 2 + k, 5] = 30.0  # class probability ~1
         return [m + 0 * self.weight for m in maps]
+
+    def decode(self, preds: list[torch.Tensor]) -> torch.Tensor:
+        """The detector interface's decoding (the YOLOv5 family's)."""
+        return decode(preds, self.anchors, self.strides)
 
 
 def test_detections_in_original_pixels_and_metrics() -> None:

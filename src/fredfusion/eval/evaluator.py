@@ -34,13 +34,13 @@ class EvalResult:
     coco: CocoResult | None = None
 
 
-def _components() -> tuple[Any, Callable, Callable, Callable]:
-    """The loader, letterbox and post-processing functions (imported on first use)."""
+def _components() -> tuple[Any, Callable, Callable]:
+    """The loader, letterbox and NMS functions (imported on first use)."""
     from fredfusion.data.augment import letterbox_batch
     from fredfusion.data.loader import BatchLoader
-    from fredfusion.model.postprocess import decode, non_max_suppression
+    from fredfusion.model.postprocess import non_max_suppression
 
-    return BatchLoader, letterbox_batch, decode, non_max_suppression
+    return BatchLoader, letterbox_batch, non_max_suppression
 
 
 def restrict_gt(coco: dict, image_ids: set[int] | list[int] | np.ndarray) -> dict:
@@ -95,14 +95,14 @@ def _detect(
     Returns the kept boxes per image, the float32 raw predictions, the letterboxed ``targets`` and
     ``(pad_x, pad_y, letterbox scale)``.
     """
-    _, letterbox_batch, decode, non_max_suppression = _components()
+    _, letterbox_batch, non_max_suppression = _components()
     rgb_f, event_f, targets_lb, (pad_x, pad_y), lb_scale = letterbox_batch(
         rgb, event, tuple(input_hw), targets
     )
     with autocast if autocast is not None else contextlib.nullcontext():
         preds = model(rgb_f, event_f)
     preds = [p.float() for p in preds]
-    out = non_max_suppression(decode(preds, model.anchors, model.strides), *nms)
+    out = non_max_suppression(model.decode(preds), *nms)
     return out, preds, targets_lb, (_num(pad_x), _num(pad_y), _num(lb_scale))
 
 

@@ -105,6 +105,7 @@ class DetectHead(nn.Module):
 class FusionYOLO(nn.Module):
     """YOLOv5-style detector on RGB, Event, or both (fused at P3/P4/P5 or at the input)."""
 
+    arch = "yolov5"
     strides: tuple[int, int, int] = (8, 16, 32)
     anchors: torch.Tensor
 
@@ -187,6 +188,12 @@ class FusionYOLO(nn.Module):
             else:
                 feats = self.backbone(torch.cat((r, e), dim=1))
         return self.head(self.neck(feats))
+
+    def decode(self, preds: list[torch.Tensor]) -> torch.Tensor:
+        """``(B, N, 5 + nc)`` rows ``cx, cy, w, h`` (input pixels), objectness, class probabilities."""
+        from fredfusion.model.postprocess import decode
+
+        return decode(preds, self.anchors, self.strides)
 
     # ------------------------------------------------------------------ helpers
     def backbone_modules(self) -> list[nn.Module]:
