@@ -30,7 +30,10 @@ def build_model(
     return build_yolov5(modality, size, fusion, num_classes, anchors)
 
 
-def build_loss(model: nn.Module, label_smoothing: float = 0.0):
+LossFn = Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_loss(model: nn.Module, label_smoothing: float = 0.0) -> LossFn:
     """The training loss of ``model``'s family.
 
     YOLOv5: class gain scaled by classes / 80 as in YOLOv5, but the objectness gain is not shrunk with
