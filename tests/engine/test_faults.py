@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,10 +18,12 @@ from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import rank_indices
 from fredfusion.engine import step as step_mod
 from fredfusion.engine import trainer as trainer_mod
-from fredfusion.engine.optim import scaled_lr
-from fredfusion.engine.step_guard import StepGuard, restore_where_, zero_where_
+from fredfusion.engine.ema import ModelEMA, blend_weights
+from fredfusion.engine.optim import build_optimizer, prepare_state, scaled_lr
+from fredfusion.engine.step import TrainStep
+from fredfusion.engine.step_guard import StepGuard, restore_where_
 from fredfusion.engine.trainer import Trainer, TrainingStopped
-from fredfusion.model.detector import FusionYOLO
+from fredfusion.model.detector import FusionYOLO, build_model
 from fredfusion.model.loss import YoloLoss
 from fredfusion.model.weights import load_checkpoint
 
@@ -96,38 +100,195 @@ def _snapshots(monkeypatch: pytest.MonkeyPatch) -> dict[int, dict[str, bytes]]:
 # ------------------------------------------------------------------------- NaN / inf on the device
 
 
-def test_zero_and_restore_where_clear_nan_without_touching_good_steps() -> None:
-    a = torch.tensor([NAN, 1.5, float("inf")])
-    b = torch.tensor([[2.0, -3.0]], dtype=torch.float64)
-    zero_where_([a, b], torch.tensor(False))
-    assert torch.equal(a[1:], torch.tensor([1.5, float("inf")])) and torch.isnan(a[0])
-    zero_where_([a, b], torch.tensor(True))
-    assert torch.equal(a, torch.zeros(3)) and torch.equal(b, torch.zeros(1, 2, dtype=torch.float64))
-
-    live, saved = [torch.tensor([NAN, -float("inf")])], [torch.tensor([0.25, 7.0])]
+def test_restore_where_puts_back_bits_only_where_flagged() -> None:
+    live = [torch.tensor([NAN, -float("inf"), -0.0]), torch.tensor([7, -3], dtype=torch.int64)]
+    saved = [torch.tensor([0.25, 7.0, 0.0]), torch.tensor([1, 2], dtype=torch.int64)]
     restore_where_(live, saved, torch.tensor(False))
-    assert torch.isnan(live[0][0]) and live[0][1] == -float("inf")
+    assert (
+        torch.isnan(live[0][0]) and live[0][1] == -float("inf") and _same(live[0][2:], torch.tensor([-0.0]))
+    )
+    assert live[1].tolist() == [7, -3]
     restore_where_(live, saved, torch.tensor(True))
-    assert torch.equal(live[0], torch.tensor([0.25, 7.0]))
+    assert _same(live[0], saved[0]) and live[1].tolist() == [1, 2]
 
 
-def test_step_guard_counts_runs_and_restores_buffers() -> None:
+def test_step_guard_counts_runs_and_restores_buffers_and_saved_tensors() -> None:
     bn = torch.nn.BatchNorm2d(2)
     guard = StepGuard(bn, torch.device("cpu"))
-    grads = [torch.zeros(2)]
-    # (bad step?, running mean after the step): a bad step puts back the value from before it
-    for bad, mean_after in ((True, 0.0), (True, 0.0), (False, 0.5), (True, 0.5)):
+    weight = torch.tensor([1.0, 2.0])
+    # (bad step?, running mean and weight after the step): a bad step puts back the values from before it
+    for bad, after in ((True, 0.0), (True, 0.0), (False, 0.5), (True, 0.5)):
         guard.begin()
         bn.running_mean.fill_(NAN if bad else 0.5)  # what the forward pass left
-        grads[0].copy_(torch.tensor([NAN, 2.0]) if bad else torch.tensor([1.0, 2.0]))
-        guard.end(torch.tensor(bad), grads)
-        assert torch.equal(bn.running_mean, torch.full((2,), mean_after))
-        assert torch.equal(grads[0], torch.zeros(2) if bad else torch.tensor([1.0, 2.0]))
+        bn.num_batches_tracked += 1
+        guard.save([weight])
+        weight.fill_(NAN if bad else 0.5)  # what the update wrote
+        guard.end(torch.tensor(bad))
+        assert torch.equal(bn.running_mean, torch.full((2,), after))
+        assert torch.equal(weight, torch.full((2,), after) if after else torch.tensor([1.0, 2.0]))
+    assert int(bn.num_batches_tracked) == 1  # counted by the good step only
     # current run 1, longest run 2, 3 bad steps
     assert guard.counts.tolist() == [1, 2, 3]
     guard.reset_longest()
     guard.reset_epoch()
     assert guard.counts.tolist() == [1, 1, 0]
+    # a step that saved nothing does not put back an earlier step's copy
+    guard.begin()
+    weight.fill_(3.0)
+    guard.end(torch.tensor(True))
+    assert torch.equal(weight, torch.full((2,), 3.0))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (NaN and signed zeros included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
+def _step_state(step: TrainStep) -> dict[str, torch.Tensor]:
+    """Everything a training step may change: model parameters and buffers, EMA and its update count,
+    optimizer state (momentum buffers, AdamW moments and step counts), GradScaler state."""
+    state = {f"model.{k}": v.clone() for k, v in step.model.state_dict().items()}
+    state.update({f"ema.{k}": v.clone() for k, v in step.ema.state_dict().items()})
+    state["ema.updates"] = torch.tensor(step.ema.updates)
+    for pid, values in step.optimizer.state_dict()["state"].items():
+        for k, v in values.items():
+            state[f"optimizer.{pid}.{k}"] = v.clone() if isinstance(v, torch.Tensor) else torch.tensor(v)
+    for k, v in step.scaler.state_dict().items():
+        state[f"scaler.{k}"] = torch.tensor(v)
+    return state
+
+
+def _assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    changed = [k for k in want if not _same(got[k], want[k])]
+    assert not changed, f"{len(changed)} of {len(want)} tensors changed, e.g. {changed[:5]}"
+
+
+def _tiny_step(optimizer: str, scaler: bool = False) -> TrainStep:
+    """A TrainStep on a dual YOLO-n at 32x64 (batch 2), same initial weights every time."""
+    torch.manual_seed(0)
+    cfg = load_config(overrides={**FAST, "data": "unused", "optimizer": optimizer, "channels_last": False})
+    model = build_model("dual", "n", "concat", num_classes=1)
+    step = TrainStep(
+        cfg, model, 2, device=torch.device("cpu"), amp_dtype=None, optimizer_choice=(optimizer, None)
+    )
+    if scaler:  # the fp16 path: loss scaled, gradients unscaled, the scale halved after an overflow
+        step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    model.train()
+    return step
+
+
+def _optimize(step: TrainStep, seed: int, nan: bool = False) -> bool:
+    """One step on random images with one box each; NaN pixels when ``nan``. Returns whether it was good."""
+    g = torch.Generator().manual_seed(seed)
+    rgb, event = torch.rand(2, 3, 32, 64, generator=g), torch.rand(2, 3, 32, 64, generator=g)
+    if nan:
+        rgb[0, 0, 0, 0] = NAN
+    targets = torch.tensor([[0, 0, 10.0, 8.0, 20.0, 16.0], [1, 0, 30.0, 4.0, 44.0, 12.0]])
+    _, ok = step.optimize(step.model, rgb, event, targets, 2)
+    return bool(ok)
+
+
+@pytest.mark.parametrize(("optimizer", "scaler"), [("sgd", False), ("adamw", False), ("sgd", True)])
+def test_a_nan_step_is_a_bit_exact_no_op(optimizer: str, scaler: bool) -> None:
+    step = _tiny_step(optimizer, scaler)
+    assert _optimize(step, 1) and _optimize(step, 2)
+    before, untouched = _step_state(step), copy.deepcopy(step)
+    assert not _optimize(step, 3, nan=True)
+    _assert_same_state(_step_state(step), before)
+    assert step.guard.counts.tolist() == [1, 1, 1]
+    # and it leaves no trace: the next step is the one the run without the NaN step takes
+    assert _optimize(step, 4) and _optimize(untouched, 4)
+    _assert_same_state(_step_state(step), _step_state(untouched))
+    assert step.ema.updates == 3 and step.guard.counts.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_nan_first_step_leaves_the_state_of_a_fresh_run(optimizer: str) -> None:
+    skipped, fresh = _tiny_step(optimizer), _tiny_step(optimizer)
+    assert not _optimize(skipped, 1, nan=True)
+    for seed in (2, 3):
+        assert _optimize(skipped, seed) and _optimize(fresh, seed)
+    _assert_same_state(_step_state(skipped), _step_state(fresh))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_state_made_before_the_first_step_updates_like_torch_lazy_state(optimizer: str) -> None:
+    """prepare_state's state gives the bits torch's own first step gives (signed zeros included)."""
+    torch.manual_seed(0)
+    grads = [torch.randn(4, 3), torch.tensor([0.0, -0.0, 1.5]), torch.tensor([-0.0, 2.0])]
+    runs = []
+    for prepare in (False, True):
+        model = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.linspace(-1, 1, g.numel()).view_as(g)) for g in grads]
+        )
+        with torch.no_grad():
+            model[1][0] = -0.0
+        opt = build_optimizer(model, optimizer, 0.1, 0.9, 5e-4)
+        for k in range(2):
+            for p, g in zip(model, grads):
+                p.grad = g * (k + 1)
+            if prepare:
+                stepped = prepare_state(opt)
+                assert len(stepped) == 3 and all(a is b for a, b in zip(stepped, model))
+            opt.step()
+        runs.append([*model, *(v for p in model for v in opt.state[p].values())])
+    assert len(runs[0]) == len(runs[1]) and all(_same(a.detach(), b.detach()) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_update_needs_no_values_on_the_host(optimizer: str) -> None:
+    """Forward, loss and the whole update (clip, guard copies, optimizer step, EMA, restore) run on fake
+    CUDA tensors (shapes only), where ``.item()`` or a branch on a device value raises: nothing waits for
+    the device. Backward needs a real CUDA device, so the gradients are set instead."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg = load_config(overrides={**FAST, "data": "unused", "optimizer": optimizer})
+    model = build_model("dual", "n", "concat", num_classes=1)
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deep-copying fake tensors (the EMA) warns about data pointers
+        device = torch.device("cuda", 0)
+        model = model.to(device)
+        step = TrainStep(
+            cfg, model, 2, device=device, amp_dtype=torch.bfloat16, optimizer_choice=(optimizer, None)
+        )
+        for _ in range(2):
+            step.guard.begin()
+            preds = model(torch.rand(2, 3, 32, 64, device=device), torch.rand(2, 3, 32, 64, device=device))
+            loss, _parts = step.loss_fn([p.float() for p in preds], torch.zeros(3, 6, device=device))
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            bad = step.update(loss.detach())
+        assert bad.device == device and step.ema.count.device == device
+        assert all(v.device == device for s in step.optimizer.state.values() for v in s.values())
+
+
+def test_ema_weights_looked_up_on_the_device_are_the_host_formula() -> None:
+    """The blend weight of every update count equals 1 - current_decay() as the host computes it, and
+    an update equals the host-side lerp with that weight, bit for bit."""
+    ema = ModelEMA(torch.nn.Linear(3, 2))
+    table = blend_weights(ema.decay, ema.tau)
+    assert float(table[-1]) == 1.0 - ema.decay and float(table[-2]) != 1.0 - ema.decay
+    for n in [*range(50), *range(50, table.numel(), 997), table.numel() - 1, table.numel() + 5]:
+        ema.updates = n
+        assert float(table[min(n, table.numel() - 1)]) == 1.0 - ema.current_decay(), n
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2), ModelEMA(torch.nn.Linear(3, 2), updates=40)
+    reference = [t.clone() for t in ema.module.parameters()]
+    for k in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        weight = 1.0 - (ema.decay * (1.0 - math.exp(-(40 + k + 1) / ema.tau)))
+        torch._foreach_lerp_(reference, [p.detach() for p in model.parameters()], weight)
+        ema.update(model)
+    assert ema.updates == 43
+    assert all(_same(a, b) for a, b in zip(ema.module.parameters(), reference))
 
 
 def test_nan_steps_are_skipped_counted_and_never_reach_the_weights(
@@ -156,6 +317,7 @@ def test_nan_steps_are_skipped_counted_and_never_reach_the_weights(
     for key in ("model", "ema", "optimizer"):
         assert _all_finite(last[key]), key
     assert any(k.endswith("running_var") for k in last["ema"])
+    assert last["ema_updates"] == 2  # the two good steps only
 
 
 def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_good_checkpoints(

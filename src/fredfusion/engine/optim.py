@@ -30,8 +30,63 @@ def build_optimizer(
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
     if name in ("adamw", "adam"):
-        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), capturable=on_cuda)
     raise ValueError(f"unknown optimizer {name!r} (sgd, adamw)")
+
+
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _adam_steps_on_device(optimizer: torch.optim.Optimizer, group: dict) -> None:
+    """Adam's step counts live on the parameters' device on CUDA (``capturable``: the bias correction is
+    computed there, so a count can be restored without a host sync) and on the host elsewhere; a state
+    loaded from a checkpoint of the other kind is moved."""
+    on_cuda = any(p.is_cuda for p in group["params"])
+    if group.get("capturable", False) == on_cuda:
+        return
+    group["capturable"] = on_cuda
+    for p in group["params"]:
+        step = optimizer.state.get(p, {}).get("step")
+        if isinstance(step, torch.Tensor):
+            device = p.device if on_cuda else torch.device("cpu")
+            optimizer.state[p]["step"] = step.to(device=device, dtype=_scalar_dtype())
+
+
+def prepare_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters the next ``optimizer.step()`` updates (those with a gradient), with their state
+    created now where the step would create it, so that it can be saved before the step.
+
+    The state is what the step itself would make and update to the same bits: AdamW's zero step count
+    and moments as torch creates them; for SGD a momentum buffer of -0.0, which ``buf * momentum + grad``
+    turns into exactly ``grad`` (the buffer torch creates at the first step), signed zeros included.
+    """
+    stepped = []
+    for group in optimizer.param_groups:
+        adam = "betas" in group
+        if adam:
+            _adam_steps_on_device(optimizer, group)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            stepped.append(p)
+            state = optimizer.state[p]
+            if state:
+                continue
+            if adam:
+                state["step"] = (
+                    torch.zeros((), dtype=_scalar_dtype(), device=p.device)
+                    if group["capturable"] or group.get("fused")
+                    else torch.tensor(0.0, dtype=_scalar_dtype())
+                )
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif group.get("momentum", 0) != 0:
+                state["momentum_buffer"] = torch.full_like(p, -0.0, memory_format=torch.preserve_format)
+    return stepped
 
 
 AUTO_MAX_STEPS = 10_000

@@ -1,8 +1,9 @@
 """The one optimisation step, shared by the trainer and `fredfusion bench`.
 
 Augment on the device, forward in mixed precision, loss scaled to the nominal batch, backward,
-clipped optimizer step (through the GradScaler), EMA update; a non-finite step is kept out of the
-model by the StepGuard. Nothing here waits for the device.
+clipped optimizer step (through the GradScaler), EMA update; a step with a non-finite loss or gradient
+is undone by the StepGuard, bit for bit. Nothing here waits for the device (but an fp16 GradScaler,
+whose step reads its overflow flag on the host).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from fredfusion.config import TrainConfig
 from fredfusion.data.augment import AugmentConfig, augment_batch
 from fredfusion.data.loader import DeviceBatch
 from fredfusion.engine.ema import ModelEMA, unwrap
-from fredfusion.engine.optim import build_optimizer, scaled_lr
+from fredfusion.engine.optim import build_optimizer, prepare_state, scaled_lr
 from fredfusion.engine.runtime import autocast
 from fredfusion.engine.step_guard import StepGuard
 from fredfusion.model.loss import LossConfig, YoloLoss
@@ -112,12 +113,13 @@ class TrainStep:
         """One optimisation step on an augmented batch of ``n`` images; ``wrapped`` runs the forward
         pass (the model itself, or it under DDP / torch.compile).
 
-        Returns ([loss per image, box, obj, cls], finite flag), on the device. A non-finite loss (or
-        non-finite gradients without a GradScaler, which skips those itself) zeroes the gradients and
-        restores the BN statistics (StepGuard): the weights, the optimizer state and the EMA never see
-        NaN, and nothing here waits for the device.
+        Returns ([loss per image, box, obj, cls], finite flag), on the device. A step whose loss (or,
+        without a GradScaler, which skips those itself, whose gradients) is not finite on any process is
+        a no-op: the StepGuard puts the model's parameters and buffers, the optimizer state, the
+        GradScaler's scale and the EMA back as they were before it, bit for bit, without waiting for
+        the device.
         """
-        cfg, optimizer, scaler, guard = self.cfg, self.optimizer, self.scaler, self.guard
+        cfg, scaler, guard = self.cfg, self.scaler, self.guard
         if cfg.channels_last:
             rgb = rgb.contiguous(memory_format=torch.channels_last) if rgb is not None else None
             event = event.contiguous(memory_format=torch.channels_last) if event is not None else None
@@ -125,23 +127,52 @@ class TrainStep:
         with autocast(self.device, self.amp_dtype):
             preds = wrapped(rgb, event)
         loss, parts = self.loss_fn([p.float() for p in preds], targets)
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         n = max(n, 1)
         # YoloLoss returns mean * batch; scaling to the nominal batch (64) gives every batch size the
         # per-image step of a 64-image batch, so Init_lr * batch / 64 is a plain linear-scaling rule.
         scaler.scale(loss * (cfg.nominal_batch / n)).backward()
+        bad = self.update(loss.detach())
+        return torch.cat([loss.detach().reshape(1) / n, parts.detach().float()]), ~bad
+
+    def update(self, loss: torch.Tensor) -> torch.Tensor:
+        """After backward: clip, optimizer step, GradScaler and EMA update, undone where the step is bad.
+
+        Returns the bad flag (0-dim bool, on the device): ``loss`` or, without a GradScaler, the
+        gradient norm not finite, on any process.
+        """
+        optimizer, scaler, guard = self.optimizer, self.scaler, self.guard
         scaler.unscale_(optimizer)
         params = list(unwrap(self.model).parameters())
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm=10.0)
-        bad = ~torch.isfinite(loss.detach())
+        bad = ~torch.isfinite(loss)
         if not scaler.is_enabled():
             bad = bad | ~torch.isfinite(norm)
-        guard.end(bad, [p.grad for p in params if p.grad is not None])
+        if self.world_size > 1:  # every process undoes the same steps: the ranks stay equal
+            flag = bad.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = flag.bool()
+        guard.save(self._written_by_update())
         scaler.step(optimizer)
         scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)
-        return torch.cat([loss.detach().reshape(1) / n, parts.detach().float()]), ~bad
+        guard.end(bad)
+        return bad
+
+    def _written_by_update(self) -> list[torch.Tensor]:
+        """The tensors the optimizer step, the GradScaler update and the EMA update may write."""
+        stepped = prepare_state(self.optimizer)
+        tensors = list(stepped)
+        for p in stepped:
+            tensors.extend(v for v in self.optimizer.state[p].values() if isinstance(v, torch.Tensor))
+        if self.scaler.is_enabled():
+            tensors.extend(
+                t for t in (self.scaler._scale, self.scaler._growth_tracker) if isinstance(t, torch.Tensor)
+            )
+        if self.ema is not None:
+            tensors.extend(self.ema.tensors())
+        return tensors
 
     def reset_after_oom(self) -> None:
         """Drop the gradients of a step cut short by out of memory; a GradScaler left mid-iteration is

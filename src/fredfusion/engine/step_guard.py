@@ -1,7 +1,12 @@
-"""Keeping a step with a non-finite loss or gradient out of the model, on the device (no host sync).
+"""Making a step with a non-finite loss or gradient a no-op, on the device (no host sync).
 
-The writes go through integer views of the tensors: multiplying or selecting bits cannot produce or
-keep NaN, unlike float arithmetic, and one multi-tensor kernel serves every tensor of a device and width.
+The guard keeps a copy of everything a step may change: the model's buffers (BN statistics, which a
+forward pass with NaN activations poisons) before the forward pass, and after backward the tensors the
+update writes (parameters with a gradient, their optimizer state, the GradScaler's scale, the EMA). After
+the step the copy is put back wherever the step's flag says bad. The writes go through integer views of
+the tensors: selecting bits is exact and cannot produce or keep NaN, so a bad step leaves every one of
+those tensors bit for bit as it was and a good step is left untouched; one multi-tensor kernel serves
+every tensor of a device and width.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from torch import nn
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The same memory seen as integers: arithmetic on it cannot produce or keep NaN."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t.detach().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _bit_groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -29,50 +34,71 @@ def _select_bits_(dst: list[torch.Tensor], src: list[torch.Tensor], take: torch.
     torch._foreach_add_(dst, torch._foreach_mul(src, take))
 
 
-def zero_where_(tensors: list[torch.Tensor], flag: torch.Tensor) -> None:
-    """Set every tensor to zero when the 0-dim bool ``flag`` is true, without a host sync.
-
-    The integer view is multiplied by 0 or 1: unlike float multiplication this clears NaN and inf
-    too, and it is one multi-tensor kernel per device instead of one ``torch.where`` per tensor.
-    """
-    keep = ~flag
-    for bits in _bit_groups(tensors):
-        torch._foreach_mul_(bits, keep.to(device=bits[0].device, dtype=bits[0].dtype))
-
-
+@torch.no_grad()
 def restore_where_(tensors: list[torch.Tensor], saved: list[torch.Tensor], flag: torch.Tensor) -> None:
     """tensors = saved where the 0-dim bool ``flag`` is true, bit-exact and NaN-proof, no host sync."""
     for dst, src in zip(_bit_groups(tensors), _bit_groups(saved)):
         _select_bits_(dst, src, flag.to(device=dst[0].device, dtype=dst[0].dtype))
 
 
-class StepGuard:
-    """Keeps a step with a non-finite loss or gradient out of the model, on the device.
+class Snapshot:
+    """A copy of a list of tensors, taken again and again; the copies are allocated once and again only
+    when the list holds other tensors (another phase, a resumed optimizer, state created by a step)."""
 
-    ``begin`` saves the floating-point buffers (BN running statistics, which a forward pass with NaN
-    activations would poison); ``end(bad, grads)`` zeroes the gradients and restores the buffers when
-    ``bad`` is true, and counts. ``counts`` (device, int64): current run of bad steps, longest run since
-    the last ``reset_longest``, bad steps since the last ``reset_epoch``. Nothing here syncs the host.
-    The buffers must keep their identity (in-place updates and load_state_dict do).
+    def __init__(self) -> None:
+        self.live: list[torch.Tensor] = []
+        self._pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+
+    @torch.no_grad()
+    def take(self, tensors: list[torch.Tensor]) -> None:
+        """Copy ``tensors`` (bit for bit, on their devices)."""
+        if len(tensors) == len(self.live) and all(a is b for a, b in zip(tensors, self.live)):
+            for dst, src in self._pairs:
+                torch._foreach_copy_(dst, src)
+            return
+        self.live = list(tensors)
+        saved = [t.detach().clone() for t in tensors]
+        self._pairs = list(zip(_bit_groups(saved), _bit_groups(self.live)))
+
+    @torch.no_grad()
+    def restore_where(self, flag: torch.Tensor) -> None:
+        """Put the copy back into the tensors it was taken from where the 0-dim bool ``flag`` is true."""
+        for saved, live in self._pairs:
+            _select_bits_(live, saved, flag.to(device=live[0].device, dtype=live[0].dtype))
+
+
+class StepGuard:
+    """Makes a step whose ``bad`` flag is true a no-op, on the device, and counts such steps.
+
+    ``begin`` copies the model's buffers before the forward pass; ``save(tensors)`` copies what the
+    update is about to write, after backward; ``end(bad)`` puts both copies back when ``bad`` (0-dim bool)
+    is true and counts. ``counts`` (device, int64): current run of bad steps, longest run since the last
+    ``reset_longest``, bad steps since the last ``reset_epoch``. Nothing here syncs the host.
     """
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.buffers = [b for b in model.buffers() if b.dtype.is_floating_point]
-        self.saved = [b.detach().clone() for b in self.buffers]
-        self._pairs = list(zip(_bit_groups(self.buffers), _bit_groups(self.saved)))
+        self.model = model
+        self._buffers = Snapshot()
+        self._update = Snapshot()
+        self._saved = False
         self.counts = torch.zeros(3, dtype=torch.int64, device=device)
 
     def begin(self) -> None:
-        """Save the buffers before the forward pass."""
-        if self.buffers:
-            torch._foreach_copy_(self.saved, self.buffers)
+        """Copy the model's buffers before the forward pass."""
+        self._buffers.take(list(self.model.buffers()))
+        self._saved = False
 
-    def end(self, bad: torch.Tensor, grads: list[torch.Tensor]) -> None:
-        """After backward: zero ``grads`` and restore the buffers when ``bad`` (0-dim bool) is true."""
-        if grads:
-            zero_where_(grads, bad)
-        for dst, src in self._pairs:
-            _select_bits_(dst, src, bad.to(device=dst[0].device, dtype=dst[0].dtype))
+    def save(self, tensors: list[torch.Tensor]) -> None:
+        """Copy the tensors the update will write (after backward, before the optimizer step)."""
+        self._update.take(tensors)
+        self._saved = True
+
+    def end(self, bad: torch.Tensor) -> None:
+        """After the update: put back the buffers and the saved tensors when ``bad`` is true; count."""
+        self._buffers.restore_where(bad)
+        if self._saved:  # a copy of this step's update, not of an earlier one
+            self._update.restore_where(bad)
+        self._saved = False
         step = bad.to(torch.int64)
         self.counts[0:1].add_(step).mul_(step)  # run + 1 after a bad step, 0 after a good one
         self.counts[1:2] = torch.maximum(self.counts[1:2], self.counts[0:1])
