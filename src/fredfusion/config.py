@@ -93,12 +93,14 @@ class TrainConfig:
     save_period: int = 10
     save_dir: str = "runs/train"
     name: str = ""  # run folder name; "" = modality
-    exist_ok: bool = True
+    exist_ok: bool = False  # reuse a taken run folder instead of the next free name (dual2, dual3, ...)
     best_alias: str = ""  # also copy best weights here (seed workflow: logs/fred_fusion/fred_fusion_best.pth)
     resume: bool = False
     quick_test: bool = False
     quick_test_batches: int = 100
     log_interval: int = 10
+    wandb: bool = False  # also log to Weights & Biases (offline files in the run folder unless WANDB_MODE)
+    mlflow: bool = False  # also log to MLflow (files in RUN/mlruns unless MLFLOW_TRACKING_URI)
     # faults: the run goes on through these, and stops with a message beyond them
     max_bad_frame_share: float = 0.01  # share of an epoch's train images that may be unreadable (skipped)
     max_bad_steps: int = 10  # consecutive steps with a non-finite (NaN/inf) loss or gradient
@@ -110,6 +112,75 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON/checkpoint friendly)."""
         return dataclasses.asdict(self)
+
+
+FIELD_HELP: dict[str, str] = {
+    "data": "prepared folder (the output of fredfusion prepare)",
+    "modality": "what the model looks at: RGB frames, event frames or both",
+    "model": "model size",
+    "fusion": "how a dual model joins its two inputs",
+    "input_shape": "network input height and width, multiples of 32",
+    "weights": "checkpoint to initialise from (an RGB model fills both backbones of a dual one)",
+    "autoanchor": "fit k-means anchors on the train boxes, kept when their recall is higher",
+    "pairs": "which train images: required (the modality's frames exist), dual (true pairs), any",
+    "init_epoch": "epoch to start counting from",
+    "freeze_epoch": "epochs of the freeze phase (backbones frozen)",
+    "unfreeze_epoch": "total epochs of the run",
+    "freeze_batch_size": "batch size of the freeze phase",
+    "unfreeze_batch_size": "batch size after the freeze phase",
+    "freeze_train": "run the freeze phase before unfreezing",
+    "freeze_training": "train the freeze phase only, then stop",
+    "optimizer": "sgd, adamw, or auto (AdamW for short schedules, SGD for long ones)",
+    "init_lr": "learning rate at batch 64, scaled by batch / 64",
+    "min_lr_ratio": "final learning rate as a share of init_lr",
+    "momentum": "SGD momentum (AdamW beta1)",
+    "weight_decay": "weight decay (not on BN weights and biases)",
+    "lr_decay_type": "learning-rate schedule after the warm-up",
+    "warmup_epochs": "epochs of learning-rate warm-up",
+    "nominal_batch": "batch size the loss is scaled to",
+    "label_smoothing": "class label smoothing",
+    "mosaic": "Mosaic augmentation",
+    "mosaic_prob": "share of images built by Mosaic",
+    "mixup": "MixUp augmentation",
+    "mixup_prob": "share of images blended by MixUp",
+    "special_aug_ratio": "share of the epochs with Mosaic and MixUp",
+    "translate": "random translation, share of the input size",
+    "scale": "random scale range (1 +- scale)",
+    "fliplr": "probability of a horizontal flip",
+    "hsv_h": "hue jitter of RGB frames",
+    "hsv_s": "saturation jitter of RGB frames",
+    "hsv_v": "value (brightness) jitter of RGB frames",
+    "fp16": "mixed precision on a GPU (bf16 where supported, else fp16)",
+    "channels_last": "channels-last memory format",
+    "compile": "torch.compile the model",
+    "ema": "keep an exponential moving average of the weights (evaluated and saved as best)",
+    "num_workers": "loader worker processes",
+    "prefetch_factor": "batches each loader worker reads ahead",
+    "persistent_workers": "keep loader workers alive between epochs",
+    "device": "cpu, cuda, cuda:1 or 1 (empty: cuda when available, else cpu)",
+    "seed": "random seed of sampling, augmentation and initialisation",
+    "eval_period": "evaluate on the val split every this many epochs (and at the end)",
+    "no_eval_map": "skip mAP; best.pth by validation loss",
+    "best_metric": "what best.pth is chosen by",
+    "eval_batch_size": "batch size of evaluation",
+    "precise_bn": "train images to re-estimate BatchNorm statistics on before each evaluation",
+    "conf_thres": "score threshold of evaluation",
+    "nms_iou": "NMS IoU threshold of evaluation",
+    "save_period": "also keep epNNN.pth every this many epochs (0: never)",
+    "save_dir": "folder of the run folders",
+    "name": "run folder name (empty: the modality); a taken one gets the next free number, dual2, dual3",
+    "exist_ok": "write into a taken run folder instead of the next free name",
+    "best_alias": "also copy best.pth to this path",
+    "resume": "continue a run: a run folder or its last.pth (alone: last.pth of the run folder named)",
+    "quick_test": "train quick_test_batches batches and print a check list",
+    "quick_test_batches": "batches of a quick test",
+    "log_interval": "steps between progress updates and logged losses",
+    "wandb": "also log to Weights & Biases (offline files in RUN/wandb unless WANDB_MODE is set)",
+    "mlflow": "also log to MLflow (files in RUN/mlruns unless MLFLOW_TRACKING_URI is set)",
+    "max_bad_frame_share": "share of an epoch's train images that may be unreadable (skipped)",
+    "max_bad_steps": "consecutive steps with a NaN / inf loss that stop the run",
+}
+"""What each field means: the help of its ``fredfusion train`` flag."""
 
 
 # The seed tool's spellings (train_fred_fusion.py) mapped to ours.
@@ -133,6 +204,14 @@ ALIASES: dict[str, str] = {
     "mixed_precision": "fp16",
     "amp": "fp16",
     "workers": "num_workers",
+    # the names eval / predict / bench and Ultralytics use
+    "batch": None,  # handled: both phases, like batch_size
+    "conf": "conf_thres",
+    "iou": "nms_iou",
+    "lr0": "init_lr",
+    "lr": "init_lr",
+    "project": "save_dir",
+    "out": None,  # handled: the run folder, save_dir / name
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -243,9 +322,12 @@ def _special(key: str, value: Any, current: dict[str, Any]) -> dict[str, Any]:
         return {"input_shape": list(input_hw_for_width(width))}
     if key == "Min_lr":
         return {"min_lr_ratio": _coerce(key, value, float) / float(current["init_lr"])}
-    if key == "batch_size":
+    if key in ("batch_size", "batch"):
         size = _coerce(key, value, int)
         return {"freeze_batch_size": size, "unfreeze_batch_size": size}
+    if key == "out":
+        folder = Path(_coerce(key, value, str))
+        return {"save_dir": str(folder.parent), "name": folder.name}
     raise ConfigError(f"unknown config key '{key}'")
 
 

@@ -6,10 +6,9 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from fredfusion.commands import flags
 from fredfusion.config import TrainConfig, load_config
+from fredfusion.engine.runtime import pick_device
 from fredfusion.spec import MODALITIES, SIZES, input_hw_for_width
 
 
@@ -18,7 +17,7 @@ def demo_config(
 ) -> TrainConfig:
     """The demo's training recipe on ``prepared``: AdamW (``optimizer: auto``) for the short schedule,
     no freeze phase, evaluation every 5 epochs; batch 16 and no loader workers on a CPU."""
-    gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    gpu = pick_device(device).type == "cuda"
     return load_config(
         overrides={
             "data": str(prepared),
@@ -48,10 +47,16 @@ def train_and_test(cfg: TrainConfig, out: Path) -> dict:
     from fredfusion.commands.eval import evaluate_checkpoints
     from fredfusion.engine.trainer import Trainer
 
-    summary = Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
     print("[4/4] eval on the test split")
     results = evaluate_checkpoints(
-        [cfg.run_dir() / "best.pth"], data=Path(cfg.data), split="test", batch=32, device=cfg.device, out=out
+        [trainer.run_dir / "best.pth"],
+        data=Path(cfg.data),
+        split="test",
+        batch=32,
+        device=cfg.device,
+        out=out,
     )
     return {"train": summary, "test": next(iter(results.values())).metrics}
 
@@ -76,7 +81,7 @@ def run_demo(
     from fredfusion.data.prepare import prepare
     from fredfusion.data.synth import write_sample
 
-    gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    gpu = pick_device(device).type == "cuda"
     epochs = epochs or (60 if gpu else 7)
     imgsz = imgsz or (640 if gpu else 320)
     out = Path(out)
@@ -105,7 +110,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="the whole job on the built-in synthetic sample: synth, prepare, train, eval"
     )
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder of everything (runs/demo)")
+    flags.add_out(
+        p, Path("runs/demo"), "folder of everything: sample, prepared folder, runs, report (runs/demo)"
+    )
     p.add_argument("--sequences", type=int, default=10, help="synthetic sequences (default: 10)")
     p.add_argument("--frames", type=int, default=60, help="RGB frames per sequence (default: 60)")
     p.add_argument("--epochs", type=int, default=None, help="default: 7 on CPU, 60 on GPU")

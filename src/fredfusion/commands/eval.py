@@ -40,6 +40,13 @@ def evaluate_checkpoints(
 ) -> dict[str, EvalResult]:
     """Evaluate each checkpoint on the true RGB+Event pairs of `split`; write one report folder each."""
     dev = pick_device(device)
+    for path in weights:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--weights {path}: checkpoint not found")
+    if not Path(data).is_dir():
+        raise FileNotFoundError(
+            f"--data {data}: prepared folder not found; run `fredfusion prepare --out {data}`"
+        )
     results: dict[str, EvalResult] = {}
     names = _unique_names([Path(w) for w in weights])
     for name, path in zip(names, weights):

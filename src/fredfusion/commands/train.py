@@ -3,16 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fredfusion.config import ALIASES, CHOICES, FIELDS, TrainConfig, load_config, parse_bool
+from fredfusion.config import (
+    ALIASES,
+    CHOICES,
+    FIELD_HELP,
+    FIELDS,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    load_config,
+    load_yaml,
+    parse_bool,
+)
+
+SPECIAL_FLAGS: dict[str, tuple[tuple[str, ...], type, str, str]] = {
+    "batch_size": (("--batch", "--batch_size", "--batch-size"), int, "N", "batch size of both phases"),
+    "imgsz": (("--imgsz",), int, "W", "input width; the height follows at 16:9, rounded to 32 (640 -> 352)"),
+    "out": (("--out",), str, "RUN_DIR", "the run folder (sets save_dir and name)"),
+    "Min_lr": (("--Min_lr", "--min_lr", "--min-lr"), float, "LR", "final learning rate (sets min_lr_ratio)"),
+    "eval_flag": (("--eval_flag",), parse_bool, "BOOL", "evaluate mAP (false: same as --no_eval_map)"),
+}
+"""Flags that set other fields (``config._special``): spellings, type, metavar, help."""
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per config field (snake_case, dashed and the seed's spelling all accepted)."""
-    p.add_argument("--config", type=Path, default=None, help="YAML file; flags override it")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of config keys; flags override it")
     seed_names: dict[str, list[str]] = {}
     for alias, target in ALIASES.items():
         if target is not None:
@@ -25,14 +47,17 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
             spellings.append(f"--{name.replace('_', '-')}")
         spellings += [f"--{a}" for a in seed_names.get(name, [])]
         kind = hints[name]
+        text = FIELD_HELP.get(name, "")
+        if name in CHOICES:
+            text = f"{text}: {' | '.join(CHOICES[name])}"
         kwargs: dict[str, Any] = {
             "dest": name,
             "default": argparse.SUPPRESS,
-            "help": f"(default: {getattr(defaults, name)})",
+            "help": f"{text} (default: {getattr(defaults, name)!s})" if text else "",
         }
-        if name in CHOICES:
-            kwargs["help"] = f"{' | '.join(CHOICES[name])} {kwargs['help']}"
-        if kind is bool:
+        if name == "resume":
+            kwargs.update(nargs="?", const="true", metavar="RUN_DIR|last.pth")
+        elif kind is bool:
             kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
         elif name == "input_shape":
             kwargs.update(nargs=2, type=int, metavar=("H", "W"))
@@ -46,37 +71,82 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         action="store_const",
         const=False,
         default=argparse.SUPPRESS,
-        help="full precision",
+        help="full precision (same as --fp16 false)",
     )
-    p.add_argument(
-        "--batch_size",
-        "--batch-size",
-        dest="batch_size",
-        type=int,
-        default=argparse.SUPPRESS,
-        help="batch size of both phases",
-    )
-    p.add_argument(
-        "--imgsz",
-        dest="imgsz",
-        type=int,
-        default=argparse.SUPPRESS,
-        help="input width; height = 16:9 rounded to 32",
-    )
+    for dest, (spellings, kind, metavar, text) in SPECIAL_FLAGS.items():
+        p.add_argument(
+            *spellings, dest=dest, type=kind, metavar=metavar, default=argparse.SUPPRESS, help=text
+        )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fredfusion train``."""
-    p = sub.add_parser("train", help="train an rgb | event | dual detector on a prepared folder")
+    p = sub.add_parser(
+        "train",
+        help="train an rgb | event | dual detector on a prepared folder",
+        usage="%(prog)s [--config FILE.yaml] [--data DIR] [--modality M] [--model S] [--batch N] [--imgsz W] "
+        "[--epochs N] [--out RUN_DIR] [--resume [RUN_DIR|last.pth]] [any config key as a flag]",
+    )
     add_train_flags(p)
     p.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from --config and the flags given on the command line."""
+def resume_file(value: Any) -> Path | None:
+    """The checkpoint ``--resume VALUE`` names: a run folder's last.pth, or that file; None when the
+    value is on / off (``--resume`` alone: last.pth of the run folder the config names)."""
+    try:
+        parse_bool(value)
+        return None
+    except ValueError:
+        pass
+    path = Path(str(value)).expanduser()
+    file = path / "last.pth" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"--resume {value}: {file} not found (give a run folder or its last.pth)")
+    if file.name != "last.pth":
+        raise ConfigError(
+            f"--resume {value}: a run continues from its last.pth (give the run folder or {file.parent}"
+            f"/last.pth); to start a new run from these weights use --weights {value}"
+        )
+    return file
+
+
+def resume_config(
+    file: Path, yaml_file: Path | None, overrides: dict[str, Any], log: Callable[[str], None] = print
+) -> TrainConfig:
+    """The config saved in ``file`` (a run's last.pth) with ``yaml_file`` and ``overrides`` applied on
+    top, one printed line per changed key; the run continues in the checkpoint's folder."""
+    from fredfusion.model.weights import load_checkpoint
+
+    saved = load_checkpoint(file).get("config")
+    if not isinstance(saved, dict) or not saved:
+        raise ConfigError(f"--resume {file}: holds no config; give the whole command with --resume")
+    base = apply_overrides(TrainConfig(), {k: v for k, v in saved.items() if k in FIELDS}, str(file))
+    given = {**(load_yaml(yaml_file) if yaml_file else {}), **overrides}
+    cfg = apply_overrides(base, given, "command line")
+    if (cfg.save_dir, cfg.name) != (base.save_dir, base.name) and {"save_dir", "name"} & set(given):
+        raise ConfigError(
+            f"--resume {file}: the run continues in {file.parent}; --name / --save_dir cannot move it"
+        )
+    cfg = dataclasses.replace(cfg, save_dir=str(file.parent.parent), name=file.parent.name, resume=True)
+    log(f"resume: {file} with its saved config")
+    for key, old in base.to_dict().items():
+        new = getattr(cfg, key)
+        if new != old and key not in ("save_dir", "name", "resume"):
+            log(f"resume: {key} {old} -> {new} (given on the command line)")
+    return cfg
+
+
+def config_from_args(args: argparse.Namespace, log: Callable[[str], None] = print) -> TrainConfig:
+    """TrainConfig from --config and the flags given on the command line; with ``--resume RUN_DIR``
+    (or its last.pth) the config saved in the checkpoint is the base instead of the defaults."""
     skip = {"func", "config", "command"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
-    return load_config(args.config, overrides)
+    file = resume_file(overrides["resume"]) if "resume" in overrides else None
+    if file is None:
+        return load_config(args.config, overrides)
+    del overrides["resume"]
+    return resume_config(file, args.config, overrides, log)
 
 
 def run(args: argparse.Namespace) -> int:

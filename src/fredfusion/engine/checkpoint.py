@@ -6,6 +6,7 @@ a run continues from its ``last.pth``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -60,6 +61,22 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
             shutil.copyfileobj(source, handle, length=16 << 20)
 
     _atomic_write(Path(dst), write)
+
+
+def claim_run_dir(run_dir: Path) -> Path:
+    """The folder a new run writes: ``run_dir`` when it is free (missing or empty), else the first free
+    one of ``<name>2``, ``<name>3``, ... (created here, so two runs started together differ)."""
+    for n in itertools.count(1):
+        candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}{n}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            if candidate.is_dir() and not any(candidate.iterdir()):
+                return candidate
+        except OSError:
+            return candidate  # prepare_run_dir names the problem
+    raise AssertionError("unreachable")
 
 
 def prepare_run_dir(run_dir: Path) -> None:

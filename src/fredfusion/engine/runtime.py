@@ -46,19 +46,37 @@ class Distributed:
         return tuple(int(v) for v in shared.tolist())
 
 
-def pick_device(requested: str = "", local_rank: int = 0) -> torch.device:
-    """The device a job runs on: ``requested`` (cpu, cuda, cuda:1) or cuda when available, else cpu.
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""The device types a job runs on."""
 
-    A bare ``cuda`` means ``cuda:<local_rank>`` (one GPU per torchrun process). A device name torch
-    does not know, or CUDA asked for on a machine without it, is a ValueError naming ``--device``.
+
+def pick_device(requested: str = "", local_rank: int = 0) -> torch.device:
+    """The device a job runs on: ``requested`` (cpu, cuda, cuda:1, or a bare GPU index such as 1) or
+    cuda when available, else cpu.
+
+    A bare ``cuda`` means ``cuda:<local_rank>`` (one GPU per torchrun process). A device torch does not
+    know, one this machine does not have (CUDA without a GPU, ``cuda:7`` with two GPUs) or a list of
+    GPUs is a ValueError naming ``--device``.
     """
+    what = f"--device {requested!r}"
     if requested:
+        text = requested.strip().lower()
+        if "," in text:
+            raise ValueError(f"{what}: one device per process; for several GPUs use torchrun (see README)")
+        text = f"cuda:{text}" if text.isdigit() else text
         try:
-            device = torch.device(requested)
-        except RuntimeError as exc:
-            raise ValueError(f"--device {requested!r}: {exc}") from None
+            device = torch.device(text)
+        except RuntimeError:
+            raise ValueError(f"{what}: not a device; use cpu, cuda, cuda:N or N") from None
+        if device.type not in DEVICE_TYPES:
+            raise ValueError(f"{what}: not a device this tool runs on; use cpu, cuda, cuda:N or N")
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {requested!r}: CUDA is not available on this machine")
+            raise ValueError(f"{what}: CUDA is not available on this machine; use --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise ValueError(f"{what}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"{what}: MPS (Apple GPU) is not available on this machine")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:

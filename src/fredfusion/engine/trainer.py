@@ -18,6 +18,7 @@ Faults the loop trains through, and where it stops (with a message naming what h
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,12 @@ from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.frames import BadFrameError
 from fredfusion.data.loader import BatchLoader, DeviceBatch
 from fredfusion.engine.batchnorm import recalibrate_batchnorm
-from fredfusion.engine.checkpoint import prepare_run_dir, resume_training, save_training_checkpoints
+from fredfusion.engine.checkpoint import (
+    claim_run_dir,
+    prepare_run_dir,
+    resume_training,
+    save_training_checkpoints,
+)
 from fredfusion.engine.ema import unwrap
 from fredfusion.engine.errors import TrainingStopped
 from fredfusion.engine.meters import EpochMeter
@@ -159,6 +165,8 @@ class Trainer:
         """
         cfg = self.cfg
         self.dist.init(self.device)
+        if not cfg.resume and not cfg.exist_ok:
+            self._claim_run_dir()
         if self.dist.main:
             prepare_run_dir(self.run_dir)
         torch.manual_seed(cfg.seed + self.dist.rank)
@@ -200,6 +208,18 @@ class Trainer:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         return summary
+
+    def _claim_run_dir(self) -> None:
+        """A new run never writes into a taken run folder: the next free name (dual2, dual3, ...) unless
+        ``exist_ok``; the name goes into the saved config, so ``--resume RUN_DIR`` finds it."""
+        name = [claim_run_dir(self.run_dir).name if self.dist.main else ""]
+        if self.dist.world_size > 1:
+            torch.distributed.broadcast_object_list(name, src=0)
+        if name[0] != self.run_dir.name:
+            taken = self.run_dir
+            self.cfg = dataclasses.replace(self.cfg, name=name[0])
+            self.run_dir = self.cfg.run_dir()
+            self.log(f"run folder {taken} is taken: this run writes {self.run_dir} (--exist_ok to reuse it)")
 
     def _start_logs(self, epoch: int) -> None:
         """config.yaml and the config line, the run log (continued on resume), the best-checkpoint rule."""
