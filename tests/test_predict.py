@@ -369,3 +369,36 @@ def test_cli_subcommand(ckpts: dict[str, Path], seq_dir: Path, tmp_path: Path) -
     data = json.loads((tmp_path / "o" / "detections.json").read_text())
     assert data["input_shape"] == [96, 160] and data["frames"] == 1
     assert (tmp_path / "o" / f"{ev.stem}.jpg").is_file()
+
+
+# -------------------------------------------------------------------------------------- video codec
+def _fourcc(path: Path) -> str:
+    cap = cv2.VideoCapture(str(path))
+    code = int(cap.get(cv2.CAP_PROP_FOURCC))
+    cap.release()
+    return "".join(chr((code >> 8 * i) & 0xFF) for i in range(4)).lower()
+
+
+def test_video_is_h264_with_the_video_extra(ckpts: dict[str, Path], seq_dir: Path, tmp_path: Path) -> None:
+    from fredfusion.predict.outputs import h264_available
+
+    if not h264_available():
+        pytest.skip("PyAV (the video extra) is not installed")
+    lines: list[str] = []
+    res = predict(ckpts["dual"], seq_dir, out=tmp_path / "o", batch=4, log=lines.append)
+    assert res.video_codec == "H.264" and _fourcc(res.video_path) in ("h264", "avc1")
+    assert f"  video: {res.video_path} (H.264)" in lines
+    head = res.video_path.read_bytes()[:64]
+    assert head.index(b"moov") < 64  # the index comes first: a browser plays it while loading
+    assert len(_video_frames(res.video_path)) == res.frames
+
+
+def test_video_is_mp4v_without_it_and_says_so(
+    ckpts: dict[str, Path], seq_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("fredfusion.predict.outputs.h264_available", lambda: False)
+    lines: list[str] = []
+    res = predict(ckpts["dual"], seq_dir, out=tmp_path / "o", batch=4, log=lines.append)
+    assert res.video_codec == "mp4v" and _fourcc(res.video_path) in ("mp4v", "fmp4")
+    assert f'  video: {res.video_path} (mp4v; browsers need H.264: pip install -e ".[video]")' in lines
+    assert len(_video_frames(res.video_path)) == res.frames

@@ -8,6 +8,7 @@ import re
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -67,26 +68,57 @@ def frames_to_save(total: int | None, save_frames: int | None) -> tuple[set[int]
     return {int(v) for v in np.linspace(0, total - 1, n).round().astype(np.int64)}, n
 
 
-class _VideoOut:
-    """An mp4v writer opened on the first frame; later frames are fitted to its (even) size."""
+H264_OPTIONS = {"preset": "ultrafast", "crf": "23"}
+"""libx264 settings of the predicted video (speed and size measured in docs/PERFORMANCE.md)."""
 
-    def __init__(self, path: Path, fps: float) -> None:
+
+def h264_available() -> bool:
+    """True when PyAV (the ``video`` extra) is installed with an H.264 encoder."""
+    try:
+        from av.codec import Codec
+
+        Codec("libx264", "w")
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+class _VideoOut:
+    """The predicted video, opened on the first frame; later frames are fitted to its (even) size.
+
+    H.264 (yuv420p, moov atom first: browsers play it) through PyAV when the ``video`` extra is
+    installed, else MPEG-4 part 2 (``mp4v``) through OpenCV. ``codec`` says which.
+    """
+
+    def __init__(self, path: Path, fps: float, h264: bool | None = None) -> None:
         self.path = path
         self.fps = fps
-        self.writer: cv2.VideoWriter | None = None
+        self.codec = "H.264" if (h264_available() if h264 is None else h264) else "mp4v"
+        self.writer: Any = None
         self.size: tuple[int, int] = (0, 0)
         self.frames = 0
+
+    def _open(self, size: tuple[int, int]) -> None:
+        self.size = size
+        if self.codec == "H.264":
+            import av
+
+            self.writer = av.open(str(self.path), mode="w", container_options={"movflags": "+faststart"})
+            stream = self.writer.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(1001))
+            stream.width, stream.height = size
+            stream.pix_fmt = "yuv420p"
+            stream.options = dict(H264_OPTIONS)
+            self._stream = stream
+            return
+        self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, size)
+        if not self.writer.isOpened():
+            self.writer = None
+            raise ValueError(f"{self.path}: cannot open an mp4v video writer")
 
     def write(self, image_rgb: np.ndarray) -> None:
         h, w = image_rgb.shape[:2]
         if self.writer is None:
-            self.size = (w + (w % 2), h + (h % 2))
-            self.writer = cv2.VideoWriter(
-                str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size
-            )
-            if not self.writer.isOpened():
-                self.writer = None
-                raise ValueError(f"{self.path}: cannot open an mp4v video writer")
+            self._open((w + (w % 2), h + (h % 2)))
         vw, vh = self.size
         img = image_rgb
         if (w, h) != (vw, vh):
@@ -94,12 +126,24 @@ class _VideoOut:
                 img = cv2.copyMakeBorder(img, 0, vh - h, 0, vw - w, cv2.BORDER_CONSTANT, value=(0, 0, 0))
             else:
                 img = cv2.resize(img, (vw, vh), interpolation=cv2.INTER_AREA)
-        self.writer.write(np.ascontiguousarray(img[..., ::-1]))
+        if self.codec == "H.264":
+            import av
+
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            self.writer.mux(self._stream.encode(frame))
+        else:
+            self.writer.write(np.ascontiguousarray(img[..., ::-1]))
         self.frames += 1
 
     def close(self) -> None:
-        if self.writer is not None:
+        if self.writer is None:
+            return
+        if self.codec == "H.264":
+            self.writer.mux(self._stream.encode(None))
+            self.writer.close()
+        else:
             self.writer.release()
+        self.writer = None
 
     def readable_frames(self) -> int:
         """Frame count OpenCV reports for the file once its first frame decodes (0 when it does not)."""

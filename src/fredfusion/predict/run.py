@@ -45,6 +45,7 @@ class PredictResult:
     infer_fps: float
     input_hw: tuple[int, int]
     device: str
+    video_codec: str | None = None  # H.264 (the video extra) or mp4v
 
 
 def _check_args(batch: int, conf: float, iou: float, max_det: int, save_frames: int | None) -> None:
@@ -114,8 +115,9 @@ def _log_summary(
         f"end to end, {infer_fps:.1f} frames/s inference+NMS"
     )
     log(f"  detections: {outs.csv_path}, {outs.json_path}")
-    if video is not None:
-        log(f"  video: {video}")
+    if video is not None and outs.video is not None:
+        hint = "" if outs.video.codec == "H.264" else '; browsers need H.264: pip install -e ".[video]"'
+        log(f"  video: {video} ({outs.video.codec}{hint})")
     if outs.annotated:
         n = len(outs.annotated)
         log(f"  annotated frames: {outs.annotated[0] if n == 1 else f'{outs.frames_dir}/ ({n} JPEGs)'}")
@@ -186,7 +188,8 @@ def predict(
     fps = n_frames / elapsed if elapsed > 0 else 0.0
     infer_fps = n_frames / infer_s if infer_s > 0 else 0.0
     _log_summary(log, outs, video_path, conf, fps, infer_fps)
+    codec = outs.video.codec if video_path is not None and outs.video is not None else None
     return PredictResult(
         out_dir, n_frames, outs.boxes, outs.csv_path, outs.json_path, video_path, outs.annotated,
-        fps, infer_fps, input_hw, str(dev),
+        fps, infer_fps, input_hw, str(dev), codec,
     )  # fmt: skip
