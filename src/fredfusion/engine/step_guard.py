@@ -29,15 +29,17 @@ def _bit_groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 def _select_bits_(dst: list[torch.Tensor], src: list[torch.Tensor], take: torch.Tensor) -> None:
-    """dst = src where ``take`` (0/1, dst's dtype) is 1, else dst: bit-exact, NaN-proof."""
+    """dst = src where ``take`` (0/1, dst's dtype) is 1, else dst: bit-exact, NaN-proof. ``src`` is used
+    as scratch (left as src * take): nothing is allocated."""
+    torch._foreach_mul_(src, take)
     torch._foreach_mul_(dst, 1 - take)
-    torch._foreach_add_(dst, torch._foreach_mul(src, take))
+    torch._foreach_add_(dst, src)
 
 
 @torch.no_grad()
 def restore_where_(tensors: list[torch.Tensor], saved: list[torch.Tensor], flag: torch.Tensor) -> None:
     """tensors = saved where the 0-dim bool ``flag`` is true, bit-exact and NaN-proof, no host sync."""
-    for dst, src in zip(_bit_groups(tensors), _bit_groups(saved)):
+    for dst, src in zip(_bit_groups(tensors), _bit_groups([t.clone() for t in saved])):
         _select_bits_(dst, src, flag.to(device=dst[0].device, dtype=dst[0].dtype))
 
 
@@ -62,7 +64,8 @@ class Snapshot:
 
     @torch.no_grad()
     def restore_where(self, flag: torch.Tensor) -> None:
-        """Put the copy back into the tensors it was taken from where the 0-dim bool ``flag`` is true."""
+        """Put the copy back into the tensors it was taken from where the 0-dim bool ``flag`` is true.
+        The copy is used up (``take`` makes the next one)."""
         for saved, live in self._pairs:
             _select_bits_(live, saved, flag.to(device=live[0].device, dtype=live[0].dtype))
 
