@@ -5,5 +5,16 @@ flags (built from the shared groups in ``flags``), and ``run(args) -> int`` does
 the exit status. Heavy imports happen inside ``run``, so ``fredfusion --help`` stays fast.
 """
 
-NAMES: tuple[str, ...] = ("synth", "prepare", "train", "eval", "predict", "show", "export", "demo", "bench")
+NAMES: tuple[str, ...] = (
+    "synth",
+    "prepare",
+    "train",
+    "eval",
+    "predict",
+    "show",
+    "export",
+    "convert",
+    "demo",
+    "bench",
+)
 """The commands, in the order ``fredfusion --help`` lists them (module ``fredfusion.commands.<name>``)."""

@@ -1,4 +1,5 @@
-"""Reading weights: checkpoints loaded safely (weights_only), the model they describe rebuilt.
+"""Reading weights: checkpoints loaded safely (weights_only), the model they describe rebuilt, and any
+supported weights file (``model.convert``) loaded into a model with a report of what was loaded and skipped.
 
 Writing checkpoints (atomically, during training) and resuming belong to ``engine.checkpoint``.
 """
@@ -6,12 +7,19 @@ Writing checkpoints (atomically, during training) and resuming belong to ``engin
 from __future__ import annotations
 
 import pickle
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fredfusion.model.convert import Converted, convert_state_dict, layout_of, with_layout
 from fredfusion.spec import DEFAULT_INPUT_HW, check_input_hw
+
+_WRAPPERS = ("ema", "model", "state_dict", "model_state_dict")
+_PREFIXES = ("module.", "_orig_mod.")
+_BACKBONE = re.compile(r"^backbone(?:_rgb|_event)?\.")
 
 
 class CheckpointError(RuntimeError):
@@ -28,7 +36,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused to load: the file holds objects other than tensors and plain data "
-            f"(a pickle that could run code, or not a fredfusion checkpoint). "
+            f"(a pickle that could run code, or not a fredfusion checkpoint; an Ultralytics .pt holds the "
+            f"model object: save its state_dict() and load that). "
             f"Detail: {str(exc).splitlines()[0]}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
@@ -39,24 +48,163 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def model_meta(model: torch.nn.Module) -> dict[str, Any]:
-    """What it takes to rebuild the network: modality, size, fusion, classes, anchors."""
-    return {
+    """What it takes to rebuild the network: modality, size, fusion, classes, anchors (and the backbone
+    layout when it is the old tool's v5.0 one)."""
+    meta = {
         "modality": model.modality,
         "size": model.size,
         "fusion": model.fusion,
         "num_classes": model.num_classes,
         "anchors": model.anchors.detach().cpu().tolist(),
     }
+    if layout_of(model) != "v6":
+        meta["layout"] = layout_of(model)
+    return meta
+
+
+def _is_state_dict(value: Any) -> bool:
+    return (
+        isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+    )
 
 
 def state_dict_of(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights to use from a checkpoint: EMA when present, else the raw model."""
-    for key in ("ema", "model"):
-        if isinstance(payload.get(key), dict) and payload[key]:
+    """The weights to use from a checkpoint: EMA when present, else the raw model (the old tool's files:
+    ``model``, ``state_dict`` or ``model_state_dict``), else the payload itself when it is a state dict."""
+    for key in _WRAPPERS:
+        if _is_state_dict(payload.get(key)):
             return payload[key]
-    if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        return payload  # a bare state dict
+    if _is_state_dict(payload):
+        return payload
     raise CheckpointError("checkpoint has no model weights")
+
+
+def read_weights(path: Path, anchors: torch.Tensor | None = None) -> Converted:
+    """Any supported weights file (fredfusion, the old tool's, YOLOv5 state dicts) in this package's names.
+
+    ``anchors`` replace the old tool's default anchors. CheckpointError names the file when it is missing,
+    unreadable or of no known layout.
+    """
+    payload = load_checkpoint(path)
+    try:
+        state = state_dict_of(payload)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    src: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = str(key)
+        for prefix in _PREFIXES:
+            name = name.removeprefix(prefix)
+        src[name] = value
+    try:
+        out = convert_state_dict(src, anchors)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    meta = payload.get("meta")
+    if isinstance(meta, dict):
+        out.modality, out.fusion = meta.get("modality", out.modality), meta.get("fusion", out.fusion)
+        out.size, out.num_classes = meta.get("size", out.size), meta.get("num_classes", out.num_classes)
+        out.kind = "a fredfusion checkpoint"
+    return out
+
+
+@dataclass
+class LoadReport:
+    """What ``load_weights`` did: tensors of the model loaded, skipped (by reason), source tensors unused."""
+
+    kind: str
+    total: int
+    loaded: list[str]
+    skipped: dict[str, list[str]]
+    unused: list[str]
+    backbones: bool  # every backbone tensor of the model came from the file
+    shared_backbone: bool  # one source backbone went into both backbones of a dual model
+
+    def lines(self, path: Path) -> list[str]:
+        """One summary line, then one line per group of skipped tensors and one for unused file tensors."""
+        note = ", its backbone in both backbones" if self.shared_backbone else ""
+        lines = [f"weights: loaded {len(self.loaded)}/{self.total} tensors from {path} ({self.kind}{note})"]
+        for reason, names in self.skipped.items():
+            lines.append(f"weights: skipped {len(names)} tensors ({_groups(names)}): {reason}")
+        if self.unused:
+            lines.append(
+                f"weights: unused from the file: {len(self.unused)} tensors ({_groups(self.unused)})"
+            )
+        return lines
+
+
+def _groups(names: list[str]) -> str:
+    """Module names of tensors, e.g. ``head, backbone_rgb.stage4`` (at most 8, then a count)."""
+    groups = list(dict.fromkeys(".".join(n.split(".")[: 2 if _BACKBONE.match(n) else 1]) for n in names))
+    return ", ".join(groups[:8]) + (f" and {len(groups) - 8} more" if len(groups) > 8 else "")
+
+
+def _source_of(
+    name: str, dst: torch.Tensor, src: dict[str, torch.Tensor], src_backbone: str | None
+) -> tuple[str | None, torch.Tensor | None]:
+    """The source key and value for the model tensor ``name``: the same name and shape, else for a
+    backbone tensor the source's backbone (one backbone fills both of a dual model; a 3-channel stem
+    kernel fills both halves of a 6-channel one, scaled by 0.5)."""
+    value = src.get(name)
+    if value is not None and value.shape == dst.shape:
+        return name, value
+    prefix = _BACKBONE.match(name)
+    if prefix is None or src_backbone is None:
+        return None, None
+    key = src_backbone + name[prefix.end() :]
+    value = src.get(key)
+    if value is None:
+        return None, None
+    if value.shape == dst.shape:
+        return key, value
+    if value.dim() == 4 and tuple(dst.shape) == (value.shape[0], 2 * value.shape[1], *value.shape[2:]):
+        return key, torch.cat((value, value), dim=1) * 0.5
+    return None, None
+
+
+def load_weights(model: torch.nn.Module, source: Converted) -> LoadReport:
+    """Copy every tensor of ``source`` that fits into ``model`` (see ``_source_of``); the others keep their
+    values. A head whose class count differs stays as initialised, and so do the anchors then (the file's
+    belong to its head)."""
+    src = source.state
+    src_backbone = next(
+        (p for p in ("backbone.", "backbone_rgb.") if any(k.startswith(p) for k in src)), None
+    )
+    own = model.state_dict()
+    found = {name: _source_of(name, dst, src, src_backbone) for name, dst in own.items()}
+    head_loaded = all(found[n][1] is not None for n in own if n.startswith("head."))
+    skipped: dict[str, list[str]] = {}
+    loaded: list[str] = []
+    with torch.no_grad():
+        for name, dst in own.items():
+            value = found[name][1]
+            if name == "anchors" and value is not None and not head_loaded:
+                reason = "the file's anchors go with its head, which was not loaded: anchors kept"
+            elif value is not None:
+                dst.copy_(value)
+                loaded.append(name)
+                continue
+            elif name.startswith("head.") and source.num_classes not in (None, model.num_classes):
+                reason = (
+                    f"the file's head has {source.num_classes} classes, the model {model.num_classes}: "
+                    f"re-initialised"
+                )
+            elif name in src:
+                reason = "shapes differ from the file's: left as initialised"
+            else:
+                reason = "not in the file: left as initialised"
+            skipped.setdefault(reason, []).append(name)
+    used = {found[name][0] for name in loaded}
+    backbone = [n for n in own if _BACKBONE.match(n)]
+    return LoadReport(
+        kind=source.kind,
+        total=len(own),
+        loaded=loaded,
+        skipped=skipped,
+        unused=[k for k in src if k not in used],
+        backbones=bool(backbone) and all(n in set(loaded) for n in backbone),
+        shared_backbone=src_backbone == "backbone." and hasattr(model, "backbone_rgb"),
+    )
 
 
 def input_hw_of(payload: dict[str, Any], given: Any = None, source: str = "checkpoint") -> tuple[int, int]:
@@ -76,7 +224,10 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn
     payload = load_checkpoint(path)
     meta = payload.get("meta")
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: no model description ('meta'); not a fredfusion checkpoint")
+        raise CheckpointError(
+            f"{path}: no model description ('meta'); not a fredfusion checkpoint (weights of the old tool or "
+            f"a YOLOv5 state dict: `fredfusion convert --weights {path} --out OUT.pth` makes one)"
+        )
     model = build_model(
         meta["modality"],
         meta["size"],
@@ -84,6 +235,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn
         num_classes=int(meta["num_classes"]),
         anchors=torch.tensor(meta["anchors"], dtype=torch.float32),
     )
+    model = with_layout(model, meta.get("layout", "v6"))
     try:
         model.load_state_dict(state_dict_of(payload), strict=True)
     except RuntimeError as exc:
