@@ -151,9 +151,11 @@ def config_from_args(args: argparse.Namespace, log: Callable[[str], None] = prin
 
 def run(args: argparse.Namespace) -> int:
     """Train with the config of ``--config`` and the flags; print the final mAP."""
+    from fredfusion.engine.loggers import check_loggers
     from fredfusion.engine.trainer import Trainer
 
     cfg = config_from_args(args)
+    check_loggers(cfg)
     summary = Trainer(cfg).fit()
     if summary.get("mAP50") is not None:
         print(

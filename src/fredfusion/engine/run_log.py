@@ -1,4 +1,5 @@
-"""What a run leaves to read: TensorBoard events, results.csv and PNG curves (rank 0 only)."""
+"""What a run leaves to read: TensorBoard events, results.csv and PNG curves, and the experiment loggers
+asked for (Weights & Biases, MLflow; rank 0 only)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from fredfusion.config import TrainConfig
+from fredfusion.engine.loggers import ExperimentLogger, open_loggers
 
 CSV_COLUMNS = (
     "epoch",
@@ -28,15 +32,24 @@ CSV_COLUMNS = (
 
 
 class RunLog:
-    """TensorBoard writer + results.csv rows + curves; a no-op object when enabled is False."""
+    """TensorBoard writer + results.csv rows + curves + experiment loggers; a no-op object when enabled
+    is False."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, resume_epoch: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool = True,
+        resume_epoch: int | None = None,
+        cfg: TrainConfig | None = None,
+    ):
         """``resume_epoch``: continue the run's results.csv, dropping rows after that epoch (written
-        by a process that stopped before saving the checkpoint it resumes from)."""
+        by a process that stopped before saving the checkpoint it resumes from); ``cfg``: the run's
+        config, for the experiment loggers it asks for (``engine.loggers``)."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.csv_path = self.run_dir / "results.csv"
         self.writer = None
+        self.loggers: list[ExperimentLogger] = []
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +71,8 @@ class RunLog:
             out = csv.writer(handle)
             out.writerow(CSV_COLUMNS)
             out.writerows(rows)
+        if cfg is not None:
+            self.loggers = open_loggers(cfg, self.run_dir, resume=resume_epoch is not None)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """Per-step or per-epoch scalars, names like 'train/loss'."""
@@ -86,12 +101,17 @@ class RunLog:
             pass
         if self.writer is not None:
             self.writer.flush()
+        for logger in self.loggers:
+            logger.epoch(row, int(row["epoch"]))
 
     def close(self) -> None:
-        """Flush and close TensorBoard."""
+        """Flush and close TensorBoard and the experiment loggers."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
 
 
 def quick_test_checklist(

@@ -231,7 +231,7 @@ class Trainer:
                 raise TrainingStopped(str(exc)) from None
             self.log("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
         self.run_log = RunLog(
-            self.run_dir, enabled=self.dist.main, resume_epoch=epoch if cfg.resume else None
+            self.run_dir, enabled=self.dist.main, resume_epoch=epoch if cfg.resume else None, cfg=cfg
         )
         if cfg.no_eval_map or self.data.val is None:
             self.log(
