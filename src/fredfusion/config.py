@@ -50,6 +50,7 @@ class TrainConfig:
     unfreeze_batch_size: int = 8
     freeze_train: bool = True  # run the freeze phase (backbones frozen) before unfreezing
     freeze_training: bool = False  # train the freeze phase only, then stop
+    freeze_untrained: bool = False  # freeze backbones that start from random weights too (default: no phase)
     # optimisation
     optimizer: str = "sgd"  # sgd | adamw | auto (AdamW for short schedules, SGD for long ones)
     init_lr: float = 1e-2
@@ -130,6 +131,7 @@ FIELD_HELP: dict[str, str] = {
     "unfreeze_batch_size": "batch size after the freeze phase",
     "freeze_train": "run the freeze phase before unfreezing",
     "freeze_training": "train the freeze phase only, then stop",
+    "freeze_untrained": "run the freeze phase even when the backbones start from random weights",
     "optimizer": "sgd, adamw, or auto (AdamW for short schedules, SGD for long ones)",
     "init_lr": "learning rate at batch 64, scaled by batch / 64",
     "min_lr_ratio": "final learning rate as a share of init_lr",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
+from fredfusion.cli import USER_ERRORS
 from fredfusion.commands.flags import default_fred_root
 from fredfusion.commands.train import add_train_flags, config_from_args
 
@@ -18,7 +20,19 @@ def run_name(modality: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Prepare $FRED_ROOT into datasets/fred_coco when needed, then train with logs under logs/fred_*."""
+    """Prepare $FRED_ROOT into datasets/fred_coco when needed, then train with logs under logs/fred_*.
+
+    A user's mistake (a missing or unreadable weights file, a bad config value) is one line on stderr and
+    exit status 2, as with ``fredfusion train``.
+    """
+    try:
+        return _train(argv)
+    except USER_ERRORS as exc:
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description="Train an RGB / Event / dual fusion drone detector on FRED.")
     add_train_flags(parser)
     parser.add_argument(

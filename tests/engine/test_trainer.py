@@ -153,19 +153,17 @@ def test_rgb_weights_initialise_dual_and_freeze_phase_keeps_backbones(
     assert any(not torch.equal(dual["model"][k], rgb[k]) for k in head)  # the head did train
 
 
-def test_missing_weights_file_falls_back_to_random_init(
+def test_missing_or_unreadable_weights_file_is_an_error_before_training(
     tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    cfg = _cfg(
-        tiny_prepared,
-        tmp_path,
-        weights=str(tmp_path / "nope.pth"),
-        quick_test=True,
-        quick_test_batches=1,
-        no_eval_map=True,
-    )
-    Trainer(cfg).fit()
-    assert "nope.pth not found; training from random init" in capsys.readouterr().out
+    (tmp_path / "broken.pth").write_text("not a checkpoint")
+    for name in ("nope.pth", "broken.pth"):
+        args = ["train", "--data", str(tiny_prepared), "--save_dir", str(tmp_path / "runs"), "--phi", "n"]
+        args += ["--input_shape", "64", "128", "--num_workers", "0", "--weights", str(tmp_path / name)]
+        assert main(args) == 2
+        out, err = capsys.readouterr()
+        assert len(err.strip().splitlines()) == 1 and name in err and "Traceback" not in err, err
+        assert "epoch 1" not in out + err and not list((tmp_path / "runs").rglob("*.pth"))
 
 
 def test_compile_flag_trains_through_torch_compile_and_saves_plain_keys(
@@ -232,3 +230,21 @@ def test_autoanchor_replaces_defaults_only_when_kmeans_recalls_more(
         assert not torch.allclose(model.anchors, scaled)
         area = model.anchors.prod(-1).flatten()
         assert torch.all(area[1:] >= area[:-1])  # smallest anchors on the finest level (P3)
+
+
+def test_no_freeze_phase_for_backbones_from_random_weights_unless_forced(
+    tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    phases = {"freeze_train": True, "freeze_epoch": 1, "unfreeze_epoch": 1, "no_eval_map": True, "ema": False}
+    trainer = Trainer(_cfg(tiny_prepared, tmp_path / "a", **phases))
+    trainer.fit()
+    out = capsys.readouterr().out
+    assert "freeze phase skipped: the backbones do not start from loaded weights" in out
+    assert "phase: unfreeze from epoch 1" in out and "phase: freeze" not in out
+    assert trainer._phase(0)[0] is False
+
+    forced = Trainer(_cfg(tiny_prepared, tmp_path / "b", freeze_untrained=True, **phases))
+    forced.fit()
+    out = capsys.readouterr().out
+    assert "freeze phase skipped" not in out and "phase: freeze (backbones frozen) from epoch 1" in out
+    assert forced._phase(0)[0] is True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -12,10 +13,21 @@ from torch import nn
 from fredfusion.config import TrainConfig
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.model import build_model, model_info
-from fredfusion.model.weights import CheckpointError, load_checkpoint, state_dict_of
+from fredfusion.model.convert import layout_of, with_layout
+from fredfusion.model.weights import load_weights, read_weights
 
 DEFAULT_RGB_WEIGHTS = Path("logs/fred_rgb/fred_rgb_best.pth")
-"""A dual run without ``weights`` (and not resuming) starts from these RGB weights when they exist."""
+"""A dual run without ``weights`` starts from these RGB weights when they exist (the old tool's order) ..."""
+COCO_WEIGHTS = "model_data/yolov5{size}.pth"
+"""... else from the old tool's COCO-pretrained file of its size when it exists, else at random."""
+
+
+class StartWeights(NamedTuple):
+    """Where a run's initial weights came from (for the check list) and whether they filled every backbone
+    tensor (the freeze phase needs that)."""
+
+    summary: str
+    backbones: bool
 
 
 def run_anchors(cfg: TrainConfig, train_set: PreparedDataset, log: Callable[[str], None]) -> torch.Tensor:
@@ -46,36 +58,47 @@ def run_anchors(cfg: TrainConfig, train_set: PreparedDataset, log: Callable[[str
     return torch.as_tensor(anchors, dtype=torch.float32).reshape(3, 3, 2)
 
 
+def start_weights_path(cfg: TrainConfig, log: Callable[[str], None]) -> Path | None:
+    """``cfg.weights``; for a dual run without it the old tool's order, the choice printed:
+    DEFAULT_RGB_WEIGHTS, then COCO_WEIGHTS of the run's size, then None (random init)."""
+    if cfg.weights:
+        return Path(cfg.weights)
+    if cfg.modality != "dual":
+        log("weights: none given: random init")
+        return None
+    coco = Path(COCO_WEIGHTS.format(size=cfg.model))
+    order = f"{DEFAULT_RGB_WEIGHTS}, {coco}, random init"
+    for path, what in ((DEFAULT_RGB_WEIGHTS, "an RGB run's best"), (coco, "the old tool's COCO-pretrained")):
+        if path.is_file():
+            log(f"weights: none given; starting from {path} ({what}; the order: {order})")
+            return path
+    log(f"weights: none given; neither {DEFAULT_RGB_WEIGHTS} nor {coco} found: random init")
+    return None
+
+
 def build_run_model(
     cfg: TrainConfig, train_set: PreparedDataset, log: Callable[[str], None]
-) -> tuple[nn.Module, str]:
-    """The run's model (on the CPU) and where its initial weights came from."""
+) -> tuple[nn.Module, StartWeights]:
+    """The run's model (on the CPU) in the backbone layout of its starting weights, and what those were.
+
+    A weights file that is missing, unreadable or of no known layout is a CheckpointError naming it.
+    """
+    path = start_weights_path(cfg, log)
+    source = read_weights(path) if path is not None else None
     h, w = int(cfg.input_shape[0]), int(cfg.input_shape[1])
     model = build_model(
         cfg.modality, cfg.model, cfg.fusion, num_classes=1, anchors=run_anchors(cfg, train_set, log)
     )
+    model = with_layout(model, source.layout if source is not None else "v6")
     info = model_info(model, (h, w))
+    layout = ", YOLOv5 v5.0 backbone layout (as its weights)" if layout_of(model) == "v5" else ""
     log(
         f"model: {cfg.modality} YOLO-{cfg.model} fusion={cfg.fusion if cfg.modality == 'dual' else '-'} "
-        f"params {info['params'] / 1e6:.2f}M, {info['gflops']:.1f} GFLOPs at {w}x{h}"
+        f"params {info['params'] / 1e6:.2f}M, {info['gflops']:.1f} GFLOPs at {w}x{h}{layout}"
     )
-    return model, load_init_weights(model, cfg, log)
-
-
-def load_init_weights(model: nn.Module, cfg: TrainConfig, log: Callable[[str], None]) -> str:
-    """Load ``cfg.weights`` (or DEFAULT_RGB_WEIGHTS for a new dual run) into ``model`` (rgb -> dual
-    mapping); a missing file means random init. Returns what was loaded, for the check list."""
-    path = Path(cfg.weights) if cfg.weights else None
-    if path is None and cfg.modality == "dual" and not cfg.resume and DEFAULT_RGB_WEIGHTS.is_file():
-        path = DEFAULT_RGB_WEIGHTS
-    if path is None:
-        return "random init (no --weights)"
-    if not path.is_file():
-        log(f"weights: {path} not found; training from random init")
-        return f"{path} not found: random init"
-    try:
-        loaded, total = model.load_rgb_weights(state_dict_of(load_checkpoint(path)))
-    except CheckpointError as exc:
-        raise SystemExit(str(exc)) from None
-    log(f"weights: loaded {loaded}/{total} tensors from {path}")
-    return f"{loaded}/{total} tensors from {path}"
+    if source is None:
+        return model, StartWeights("random init (no weights)", False)
+    report = load_weights(model, source)
+    for line in report.lines(path):
+        log(line)
+    return model, StartWeights(f"{len(report.loaded)}/{report.total} tensors from {path}", report.backbones)

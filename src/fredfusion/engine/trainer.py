@@ -76,6 +76,7 @@ class Trainer:
         self._batch_override: dict[bool, int] = {}  # phase (frozen) -> batch lowered after out of memory
         self._phase_steps = 0  # steps done since the current phase (batch size) started
         self._saved_epoch: int | None = None  # epoch of the last checkpoint on disk
+        self._freeze_backbones = True  # False when they start from random weights (see _build_model)
 
     def log(self, message: str) -> None:
         """Print ``message`` on the main process."""
@@ -88,15 +89,31 @@ class Trainer:
         self.checks.update(self.data.checks)
 
     def _build_model(self) -> nn.Module:
-        """The network with its anchors and initial weights (noted for the check list)."""
-        model, self.checks["weights"] = build_run_model(self.cfg, self.data.train, self.log)
+        """The network with its anchors and initial weights (noted for the check list). Backbones that
+        start from random weights are not frozen (no freeze phase) unless ``freeze_untrained``."""
+        cfg = self.cfg
+        model, start = build_run_model(cfg, self.data.train, self.log)
+        self.checks["weights"] = start.summary
+        self._freeze_backbones = start.backbones or cfg.freeze_untrained
+        if (cfg.freeze_train or cfg.freeze_training) and cfg.freeze_epoch > 0 and not self._freeze_backbones:
+            until = (
+                f"; --freeze_training still stops after epoch {cfg.freeze_epoch}"
+                if cfg.freeze_training
+                else ""
+            )
+            self.log(
+                "freeze phase skipped: the backbones do not start from loaded weights, and frozen random "
+                f"features would waste those epochs; --freeze_untrained true freezes them{until}"
+            )
         return model
 
     # ----------------------------------------------------------------- phases
     def _phase(self, epoch: int) -> tuple[bool, int]:
         """(frozen, batch size) of an epoch."""
         cfg = self.cfg
-        frozen = (cfg.freeze_train or cfg.freeze_training) and epoch < cfg.freeze_epoch
+        frozen = (
+            self._freeze_backbones and (cfg.freeze_train or cfg.freeze_training) and epoch < cfg.freeze_epoch
+        )
         batch = cfg.freeze_batch_size if frozen else cfg.unfreeze_batch_size
         return frozen, self._batch_override.get(frozen, batch)
 
