@@ -1,12 +1,8 @@
-"""Seed-compatible entry point: python train_fred_fusion.py --modality dual|rgb|event [--no_eval_map]
-[--quick_test] [--resume] [--freeze_training] [any `fredfusion train` flag]."""
+"""The seed tool's second training script, an alias of train_fred_fusion.py: one trainer serves both, so
+every flag and behaviour is the same (python train_fred_fusion_optimized.py --modality dual ...)."""
 
-import sys
+import runpy
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-
-from fredfusion.seed_compat import main
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    runpy.run_path(str(Path(__file__).resolve().with_name("train_fred_fusion.py")), run_name="__main__")
