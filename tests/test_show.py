@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+import fredfusion.show as show_mod
 from fredfusion.commands.show import add_parser
 from fredfusion.show import (
     GRID_GAP,
@@ -39,6 +40,28 @@ def _run_cli(argv: list[str]) -> int:
 
 def _green(img_bgr: np.ndarray) -> np.ndarray:
     return (img_bgr == GREEN_BGR).all(axis=2)
+
+
+@pytest.fixture
+def drawn_boxes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Number of boxes given to each pair tile, in grid order."""
+    counts: list[int] = []
+    original = show_mod._pair_tile
+
+    def pair_tile(rgb, event, boxes, caption):
+        counts.append(len(boxes))
+        return original(rgb, event, boxes, caption)
+
+    monkeypatch.setattr(show_mod, "_pair_tile", pair_tile)
+    return counts
+
+
+def _assert_boxes_on_both_frames(tile: np.ndarray, width: int, boxes: int) -> None:
+    """The green box outlines of the two frames of a pair tile are the same pixels, and there are some
+    exactly when the tile has boxes."""
+    left, right = _green(tile[:, :width]), _green(tile[:, width + PAIR_SEP :])
+    assert np.array_equal(left, right)
+    assert left.any() == (boxes > 0), boxes
 
 
 @pytest.mark.parametrize(
@@ -77,7 +100,7 @@ def test_pair_grid_layout() -> None:
 
 
 def test_show_writes_grid_report_and_table(
-    tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], drawn_boxes: list[int]
 ) -> None:
     out = tmp_path / "show"
     rc = _run_cli(["show", "--data", str(tiny_prepared), "--n", "5", "--cols", "2", "--out", str(out)])
@@ -86,10 +109,11 @@ def test_show_writes_grid_report_and_table(
     tile_h, tile_w = HEADER_H + STORE_H, 2 * STORE_W + PAIR_SEP
     assert grid.shape == (3 * tile_h + 2 * GRID_GAP, 2 * tile_w + GRID_GAP, 3)
     # every box is drawn on both frames of its pair: the green masks of the two halves agree
-    first = grid[HEADER_H:tile_h, :tile_w]
-    left, right = _green(first[:, :STORE_W]), _green(first[:, STORE_W + PAIR_SEP :])
-    assert np.array_equal(left, right)
-    assert _green(grid).any()
+    assert len(drawn_boxes) == 5 and sum(b > 0 for b in drawn_boxes) >= 2
+    for k, boxes in enumerate(drawn_boxes):
+        r, c = divmod(k, 2)
+        y, x = r * (tile_h + GRID_GAP) + HEADER_H, c * (tile_w + GRID_GAP)
+        _assert_boxes_on_both_frames(grid[y : y + STORE_H, x : x + tile_w], STORE_W, boxes)
     report_png = cv2.imread(str(out / "report.png"))
     assert report_png is not None and report_png.shape[0] > 400 and report_png.shape[1] > 800
 
@@ -125,7 +149,9 @@ def test_dataset_report_numbers(tiny_prepared: Path) -> None:
     assert tot["images"] == tot["dual"] + tot["rgb_only"] + tot["event_only"]
 
 
-def test_show_augment(tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_show_augment(
+    tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], drawn_boxes: list[int]
+) -> None:
     out = tmp_path / "aug"
     argv = ["show", "--data", str(tiny_prepared), "--n", "4", "--augment", "--seed", "1", "--out", str(out)]
     assert _run_cli(argv) == 0
@@ -133,9 +159,10 @@ def test_show_augment(tiny_prepared: Path, tmp_path: Path, capsys: pytest.Captur
     h, w = default_input_hw((STORE_H, STORE_W))
     tile_h, tile_w = HEADER_H + h, 2 * w + PAIR_SEP
     assert grid.shape == (4 * tile_h + 3 * GRID_GAP, tile_w, 3)  # 4 pairs -> 1 column by default
-    for r in range(4):
+    assert len(drawn_boxes) == 4 and sum(b > 0 for b in drawn_boxes) >= 2
+    for r, boxes in enumerate(drawn_boxes):
         tile = grid[r * (tile_h + GRID_GAP) + HEADER_H : r * (tile_h + GRID_GAP) + tile_h]
-        assert np.array_equal(_green(tile[:, :w]), _green(tile[:, w + PAIR_SEP :]))
+        _assert_boxes_on_both_frames(tile, w, boxes)
     assert "augmented" in capsys.readouterr().out
 
 
