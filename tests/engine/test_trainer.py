@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -103,8 +104,11 @@ def test_quick_test_prints_check_list(
     out = capsys.readouterr().out
     for item in ("data found", "dual rate", "weights", "throughput", "data-wait share", "GPU memory"):
         assert f"[x] {item}" in out, item
-    assert re.search(r"\[x\] mini evaluation +mAP50 \d\.\d{4}", out)
+    printed = re.search(r"\[x\] mini evaluation +mAP50 (\d\.\d{4})", out)
     run = tmp_path / "dual"
+    with open(run / "results.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert printed is not None and printed.group(1) == f"{float(row['mAP50']):.4f}"
     for name in ("best.pth", "last.pth", "config.yaml", "results.csv", "curves.png"):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").iterdir())
