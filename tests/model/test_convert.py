@@ -354,6 +354,15 @@ def test_every_old_tool_checkpoint_layout_converts_completely() -> None:
         assert report.total == len(shapes) + 1, name  # every listed tensor, plus the anchors
 
 
+def test_a_single_modality_model_takes_its_own_backbone_from_a_dual_file(tmp_path: Path) -> None:
+    ref = _randomise(OldBody(nc=1, fusion=True), seed=6)
+    path = _save(ref.state_dict(), tmp_path / "fred_fusion_best.pth")
+    for modality, branch in (("event", ref.backbone_event), ("rgb", ref.backbone_rgb)):
+        model, info = _loaded(modality, path)
+        assert info[-2].startswith("weights: unused from the file:") and "fusion_p3" in info[-2], info
+        torch.testing.assert_close(model.backbone.stage3[1].cv3.conv.weight, branch.dark4[1].cv3.conv.weight)
+
+
 def test_coco_head_is_reinitialised_and_the_rest_loaded(tmp_path: Path) -> None:
     ref = _randomise(OldBody(nc=80), seed=4)
     path = _save(ref.state_dict(), tmp_path / "yolov5n.pth")

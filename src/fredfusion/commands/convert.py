@@ -73,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
     save_checkpoint(
         {"meta": model_meta(model), "model": model.state_dict(), "source": str(args.weights)}, args.out
     )
-    print(
-        f"wrote {args.out}: {modality} YOLO-{size}, {model.num_classes} classes, "
-        f"{'YOLOv5 v5.0' if source.layout == 'v5' else 'YOLOv5 v6'} backbone layout"
-    )
+    classes = f"{model.num_classes} class{'es' if model.num_classes > 1 else ''}"
+    layout = "YOLOv5 v5.0" if source.layout == "v5" else "YOLOv5 v6"
+    print(f"wrote {args.out}: {modality} YOLO-{size}, {classes}, {layout} backbone layout")
     return 0

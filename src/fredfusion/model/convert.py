@@ -176,7 +176,7 @@ def _from_old_tool(src: Mapping[str, torch.Tensor], anchors: torch.Tensor) -> Co
         else:
             state[name] = value
     state["anchors"] = anchors
-    kind = "the old tool's " + ("YoloFusionBody (concat fusion)" if fusion else "YoloBody")
+    kind = "the old tool's " + ("YoloFusionBody, concat fusion" if fusion else "YoloBody")
     return Converted(
         state, kind, "v5", "dual" if fusion else None, "concat" if fusion else None, unknown=unknown
     )

@@ -110,7 +110,8 @@ def read_weights(path: Path, anchors: torch.Tensor | None = None) -> Converted:
 
 @dataclass
 class LoadReport:
-    """What ``load_weights`` did: tensors of the model loaded, skipped (by reason), source tensors unused."""
+    """What ``load_weights`` did: tensors of the model loaded, skipped (by reason), and the file's tensors
+    with no place in the model (e.g. the event backbone of a dual file loaded into an rgb model)."""
 
     kind: str
     total: int
@@ -125,12 +126,14 @@ class LoadReport:
         note = ", its backbone in both backbones" if self.shared_backbone else ""
         lines = [f"weights: loaded {len(self.loaded)}/{self.total} tensors from {path} ({self.kind}{note})"]
         for reason, names in self.skipped.items():
-            lines.append(f"weights: skipped {len(names)} tensors ({_groups(names)}): {reason}")
+            lines.append(f"weights: skipped {_count(names)} ({_groups(names)}): {reason}")
         if self.unused:
-            lines.append(
-                f"weights: unused from the file: {len(self.unused)} tensors ({_groups(self.unused)})"
-            )
+            lines.append(f"weights: unused from the file: {_count(self.unused)} ({_groups(self.unused)})")
         return lines
+
+
+def _count(names: list[str]) -> str:
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''}"
 
 
 def _groups(names: list[str]) -> str:
@@ -140,18 +143,18 @@ def _groups(names: list[str]) -> str:
 
 
 def _source_of(
-    name: str, dst: torch.Tensor, src: dict[str, torch.Tensor], src_backbone: str | None
+    name: str, dst: torch.Tensor, src: dict[str, torch.Tensor], other: dict[str, str]
 ) -> tuple[str | None, torch.Tensor | None]:
     """The source key and value for the model tensor ``name``: the same name and shape, else for a
-    backbone tensor the source's backbone (one backbone fills both of a dual model; a 3-channel stem
-    kernel fills both halves of a 6-channel one, scaled by 0.5)."""
+    backbone tensor the one under the ``other`` backbone prefix (one backbone fills both of a dual model;
+    a 3-channel stem kernel fills both halves of a 6-channel one, scaled by 0.5)."""
     value = src.get(name)
     if value is not None and value.shape == dst.shape:
         return name, value
     prefix = _BACKBONE.match(name)
-    if prefix is None or src_backbone is None:
+    if prefix is None:
         return None, None
-    key = src_backbone + name[prefix.end() :]
+    key = other[prefix[0]] + name[prefix.end() :]
     value = src.get(key)
     if value is None:
         return None, None
@@ -164,14 +167,17 @@ def _source_of(
 
 def load_weights(model: torch.nn.Module, source: Converted) -> LoadReport:
     """Copy every tensor of ``source`` that fits into ``model`` (see ``_source_of``); the others keep their
-    values. A head whose class count differs stays as initialised, and so do the anchors then (the file's
-    belong to its head)."""
+    values. A single-backbone model takes a dual file's backbone of its modality (RGB for early fusion). A
+    head whose class count differs stays as initialised, and so do the anchors then (the file's belong to
+    its head)."""
     src = source.state
-    src_backbone = next(
-        (p for p in ("backbone.", "backbone_rgb.") if any(k.startswith(p) for k in src)), None
-    )
+    other = {
+        "backbone.": "backbone_event." if model.modality == "event" else "backbone_rgb.",
+        "backbone_rgb.": "backbone.",
+        "backbone_event.": "backbone.",
+    }
     own = model.state_dict()
-    found = {name: _source_of(name, dst, src, src_backbone) for name, dst in own.items()}
+    found = {name: _source_of(name, dst, src, other) for name, dst in own.items()}
     head_loaded = all(found[n][1] is not None for n in own if n.startswith("head."))
     skipped: dict[str, list[str]] = {}
     loaded: list[str] = []
@@ -201,9 +207,9 @@ def load_weights(model: torch.nn.Module, source: Converted) -> LoadReport:
         total=len(own),
         loaded=loaded,
         skipped=skipped,
-        unused=[k for k in src if k not in used],
+        unused=[k for k in src if k not in used and k not in own],
         backbones=bool(backbone) and all(n in set(loaded) for n in backbone),
-        shared_backbone=src_backbone == "backbone." and hasattr(model, "backbone_rgb"),
+        shared_backbone=hasattr(model, "backbone_rgb") and any(k.startswith("backbone.") for k in src),
     )
 
 
