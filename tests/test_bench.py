@@ -121,8 +121,14 @@ def test_bench_skip_parts_and_no_file(tiny_prepared: Path, tmp_path: Path) -> No
 
 
 def _bench_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    assert main(["bench", *argv]) == 2
-    return capsys.readouterr().err
+    try:
+        rc = main(["bench", *argv])
+    except SystemExit as exc:  # argparse refuses the value itself
+        rc = exc.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    return err
 
 
 def test_bench_errors(tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -147,12 +153,22 @@ def test_bench_errors(tiny_prepared: Path, tmp_path: Path, capsys: pytest.Captur
     err = _bench_error(["--data", str(tiny_prepared), "--skip", *PARTS], capsys)
     assert "every part is skipped" in err
     err = _bench_error(["--data", str(tiny_prepared), "--steps", "0"], capsys)
-    assert "--steps must be >= 1" in err
-    # the config checks its fields; the message names the flag
+    assert "argument --steps: must be >= 1, got 0" in err
     err = _bench_error(["--data", str(tiny_prepared), "--batch", "0"], capsys)
-    assert err.strip() == "fredfusion bench: error: bench: --batch must be >= 1, got 0"
+    assert err.strip() == (
+        "fredfusion bench: error: argument --batch/--batch-size: must be >= 1, got 0 "
+        "(see fredfusion bench --help)"
+    )
     err = _bench_error(["--data", str(tiny_prepared), "--workers", "-1"], capsys)
-    assert err.strip() == "fredfusion bench: error: bench: --workers must be >= 0, got -1"
+    assert (
+        err.strip()
+        == "fredfusion bench: error: argument --workers: must be >= 0, got -1 (see fredfusion bench --help)"
+    )
+    # the config checks its fields; the message names the flag
+    err = _bench_error(
+        ["--data", str(tiny_prepared), "--fusion", "early", "--modality", "rgb", "--seed", "-1"], capsys
+    )
+    assert err.strip() == "fredfusion bench: error: bench: --seed must be >= 0, got -1"
 
 
 def _rates(read: float, augment: float, step: float, train: float, wait: float) -> dict[str, Any]:
@@ -311,3 +327,74 @@ def test_side_by_side_ultralytics_offline(
     assert 0.0 <= run["mAP50"] <= 1.0
     assert run["augmentation"]["mosaic"] == 0.5 and run["augmentation"]["close_mosaic"] == 0
     assert torch.get_num_threads() == 1
+
+
+# -------------------------------------------------------------------- defaults, memory, workers
+def test_defaults_fit_the_device() -> None:
+    from fredfusion.bench import device_defaults
+
+    cpu = device_defaults(torch.device("cpu"))
+    assert (cpu["model"], cpu["batch"], cpu["input_hw"], cpu["workers"]) == ("n", 16, (192, 320), 0)
+    gpu = device_defaults(torch.device("cuda", 0))  # the sizes of the targets
+    assert (gpu["model"], gpu["batch"], gpu["input_hw"]) == ("s", 128, (384, 640))
+
+
+def _small_cfg(data: Path, batch: int, **extra: Any) -> Any:
+    overrides = {"data": str(data), "model": "n", "unfreeze_batch_size": batch, "input_shape": [64, 128]}
+    return load_config(overrides={**overrides, "num_workers": 0, **extra})
+
+
+def test_a_default_batch_is_lowered_to_fit_and_a_given_one_is_refused(
+    tiny_prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fredfusion.config import ConfigError
+    from fredfusion.engine import memory
+
+    net = build_model("dual", "n")
+    need4, _ = memory.training_need(net, (64, 128), 4, store_hw=(72, 128))
+    monkeypatch.setattr(memory, "free_bytes", lambda device=None: int(need4.need * 1.01))
+    lines: list[str] = []
+    cfg = _small_cfg(tiny_prepared, 16)
+    report = run_bench(cfg, steps=1, warmup=0, out=None, skip=["read", "augment", "train", "eval"],
+                       fit_batch=True, log=lines.append)  # fmt: skip
+    assert report["config"]["batch"] == 4 and report["memory"]["batch"] == 4
+    assert "bench: batch 4: the default 16 does not fit the free memory" in lines
+    assert any(line.startswith("memory: training at batch 4 needs about ") for line in lines)
+    with pytest.raises(
+        ConfigError, match=r"bench: --batch 16 at 64x128 needs about .* lower --batch \(about 4 fits\)"
+    ):
+        run_bench(cfg, steps=1, warmup=0, out=None, skip=["read", "augment", "train", "eval"], log=None)
+
+
+def test_loader_workers_start_before_any_part_and_each_part_shows_progress(
+    tiny_prepared: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torch.utils.data import dataloader
+
+    import fredfusion.bench as bench_mod
+
+    events: list[str] = []
+    forking = dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def spy_fork(self: Any, *args: Any, **kwargs: Any) -> None:
+        events.append("workers forked")
+        forking(self, *args, **kwargs)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", spy_fork)
+    for part in ("_bench_read", "_bench_augment", "_bench_step", "_bench_train", "_bench_eval"):
+        original = getattr(bench_mod, part)
+
+        def spy(*args: Any, _name: str = part, _original: Any = original, **kwargs: Any) -> Any:
+            events.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(bench_mod, part, spy)
+    cfg = _small_cfg(tiny_prepared, 4, num_workers=1, persistent_workers=True)
+    run_bench(cfg, steps=2, warmup=1, out=None, log=None)
+    # one loader serves the read and end-to-end parts; its worker is forked before any part grows the heap
+    assert events == [
+        "workers forked", "_bench_read", "_bench_augment", "_bench_step", "_bench_train", "_bench_eval"
+    ]  # fmt: skip
+    err = capsys.readouterr().err
+    for label in ("store read", "augment", "model step", "end to end", "eval"):
+        assert f"bench {label}" in err

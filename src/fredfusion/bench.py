@@ -16,11 +16,18 @@ batches their workers prefetch, workers x prefetch_factor); on CUDA the device i
 timed region, the model runs in bf16 autocast (fp16 where bf16 is missing) with channels_last, as in
 training. The slowest of read / augment / step bounds the end-to-end rate; the verdict names it and
 flags a data-wait share above 5%. Results are printed as a table and written to ``OUT/bench.json``.
+
+What is measured when not told fits the device (``device_defaults``), and the batch is checked against
+the free memory first (``engine.memory``): a default batch is halved until it fits, a batch asked for
+that does not fit is an error naming ``--batch``. The loader's worker processes (shared by the read and
+end-to-end parts) start before any part runs, so they never inherit the heap a part grows. Each part
+shows a progress bar (stderr).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import platform
@@ -33,12 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from fredfusion.config import TrainConfig, validate
+from fredfusion.config import ConfigError, TrainConfig, validate
 from fredfusion.data.augment import augment_batch
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import BatchLoader, DeviceBatch
 from fredfusion.engine.ema import unwrap
+from fredfusion.engine.memory import GiB, PeakMemory, training_need
 from fredfusion.engine.optim import resolve_optimizer
 from fredfusion.engine.runtime import amp_dtype_for, pick_device
 from fredfusion.engine.step import TrainStep, augment_config
@@ -49,6 +58,7 @@ __all__ = [
     "DATA_WAIT_LIMIT",
     "LABELS",
     "PARTS",
+    "device_defaults",
     "environment",
     "format_table",
     "run_bench",
@@ -70,6 +80,28 @@ LABELS = {
     "eval": "eval",
 }
 _KIND = {"read": "data", "augment": "augmentation", "step": "model"}
+
+
+def device_defaults(device: torch.device) -> dict[str, Any]:
+    """What bench measures when not told: on a GPU the sizes of the targets (YOLO-s, batch 128, 384x640,
+    up to 12 loader workers); on a CPU a run of about a minute on 2 cores (YOLO-n, batch 16, 192x320,
+    8 steps, loading in the main process)."""
+    if device.type == "cuda":
+        workers = min(12, os.cpu_count() or 1)
+        return {
+            "model": "s",
+            "batch": 128,
+            "input_hw": (384, 640),
+            "steps": 20,
+            "warmup": 3,
+            "workers": workers,
+        }
+    return {"model": "n", "batch": 16, "input_hw": (192, 320), "steps": 8, "warmup": 2, "workers": 0}
+
+
+def _bar(part: str, total: int) -> tqdm:
+    """The progress bar of one part (stderr, removed when done)."""
+    return tqdm(total=total, desc=f"bench {LABELS[part]}", leave=False, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -249,7 +281,13 @@ def _synthetic_batch(
 
 # ------------------------------------------------------------------------------------- the parts
 def _bench_read(
-    ds: PreparedDataset, cfg: TrainConfig, steps: int, warmup: int, device: torch.device
+    ds: PreparedDataset,
+    cfg: TrainConfig,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    loader: BatchLoader,
+    batches: Iterator[DeviceBatch],
 ) -> dict[str, Any]:
     batch, workers = cfg.unfreeze_batch_size, cfg.num_workers
     mods = frames_for(ds.modality)
@@ -262,25 +300,28 @@ def _bench_read(
     pin = device.type == "cuda"
     bufs = {m: torch.empty((n, h, w, 3), dtype=torch.uint8, pin_memory=pin).numpy() for m in mods}
     rng = np.random.default_rng(cfg.seed)
-    for _ in range(warmup):
-        ds.load(ds.ids[rng.choice(len(ds), n, replace=False)], mods, out=bufs)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        ds.load(ds.ids[rng.choice(len(ds), n, replace=False)], mods, out=bufs)
-    gather = steps * n / max(time.perf_counter() - t0, 1e-9)
-    # the loader: worker processes -> pinned batches -> device (side stream on CUDA)
-    loader = _loader(ds, cfg, workers, device)
-    batches = _cycle(loader)
-    for _ in range(_loader_warmup(warmup, loader)):
-        next(batches)
-    _sync(device)
-    seen = 0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        seen += len(next(batches).ids)
-    _sync(device)
-    rate = seen / max(time.perf_counter() - t0, 1e-9)
-    batches.close()
+    lead = _loader_warmup(warmup, loader)
+    with _bar("read", 2 * (warmup + steps) + lead) as bar:
+        for _ in range(warmup):
+            ds.load(ds.ids[rng.choice(len(ds), n, replace=False)], mods, out=bufs)
+            bar.update()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            ds.load(ds.ids[rng.choice(len(ds), n, replace=False)], mods, out=bufs)
+            bar.update()
+        gather = steps * n / max(time.perf_counter() - t0, 1e-9)
+        # the loader: worker processes -> pinned batches -> device (side stream on CUDA)
+        for _ in range(lead + warmup):
+            next(batches)
+            bar.update()
+        _sync(device)
+        seen = 0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            seen += len(next(batches).ids)
+            bar.update()
+        _sync(device)
+        rate = seen / max(time.perf_counter() - t0, 1e-9)
     where = (
         f"{'+'.join(loader.device_kinds)} decoded on {device.type}"
         if loader.device_kinds
@@ -316,14 +357,17 @@ def _bench_augment(
     def once() -> None:
         augment_batch(item.rgb, item.event, item.targets, input_hw, aug, special=True, generator=gen)
 
-    for _ in range(warmup):
-        once()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        once()
-    _sync(device)
-    rate = steps * len(item.ids) / max(time.perf_counter() - t0, 1e-9)
+    with _bar("augment", warmup + steps) as bar:
+        for _ in range(warmup):
+            once()
+            bar.update()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            once()
+            bar.update()
+        _sync(device)
+        rate = steps * len(item.ids) / max(time.perf_counter() - t0, 1e-9)
     h, w = ds.store_hw
     return {
         "pairs_per_s": rate,
@@ -335,38 +379,49 @@ def _bench_augment(
 
 
 def _bench_step(
-    step: TrainStep, wrapped: nn.Module, steps: int, warmup: int, gflops: float
+    step: TrainStep, wrapped: nn.Module, steps: int, warmup: int, gflops: float, estimate: int
 ) -> dict[str, Any]:
     cfg, device = step.cfg, step.device
     batch = cfg.unfreeze_batch_size
     rgb, event, targets = _synthetic_batch(cfg.modality, batch, step.input_hw, device, cfg.seed)
     step.model.train()
-    for _ in range(warmup):
-        step.optimize(wrapped, rgb, event, targets, batch)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step.optimize(wrapped, rgb, event, targets, batch)
-    _sync(device)
-    elapsed = max(time.perf_counter() - t0, 1e-9)
+    with _bar("step", warmup + steps) as bar, PeakMemory(device) as peak:
+        for _ in range(warmup):
+            step.optimize(wrapped, rgb, event, targets, batch)
+            bar.update()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step.optimize(wrapped, rgb, event, targets, batch)
+            bar.update()
+        _sync(device)
+        elapsed = max(time.perf_counter() - t0, 1e-9)
     rate = steps * batch / elapsed
     tflops = gflops * 3 * rate / 1000
     ms = 1000 * elapsed / steps
+    memory = (
+        "" if peak.added is None else f"; peak +{peak.added / GiB:.2f} GiB (estimate {estimate / GiB:.2f})"
+    )
     return {
         "pairs_per_s": rate,
         "ms_per_step": ms,
         "tflops": tflops,
         "gflops_per_pair": gflops,
-        "detail": f"{ms:.1f} ms/step, {tflops:.3g} TFLOP/s ({gflops:.3g} GFLOPs/pair x 3)",
+        "peak_added_bytes": peak.added,
+        "estimate_bytes": estimate,
+        "detail": f"{ms:.1f} ms/step, {tflops:.3g} TFLOP/s ({gflops:.3g} GFLOPs/pair x 3){memory}",
     }
 
 
 def _bench_train(
-    step: TrainStep, wrapped: nn.Module, ds: PreparedDataset, steps: int, warmup: int
+    step: TrainStep,
+    wrapped: nn.Module,
+    steps: int,
+    warmup: int,
+    loader: BatchLoader,
+    batches: Iterator[DeviceBatch],
 ) -> dict[str, Any]:
     cfg, device, workers = step.cfg, step.device, step.cfg.num_workers
-    loader = _loader(ds, cfg, workers, device)
-    batches = _cycle(loader)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     step.model.train()
@@ -378,19 +433,22 @@ def _bench_train(
         step.run(wrapped, item, special=True, generator=gen)
         return wait, len(item.ids)
 
-    for _ in range(_loader_warmup(warmup, loader)):
-        once()
-    _sync(device)
-    wait = 0.0
-    seen = 0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        w, n = once()
-        wait += w
-        seen += n
-    _sync(device)
-    elapsed = max(time.perf_counter() - t0, 1e-9)
-    batches.close()
+    lead = _loader_warmup(warmup, loader)
+    with _bar("train", lead + steps) as bar:
+        for _ in range(lead):
+            once()
+            bar.update()
+        _sync(device)
+        wait = 0.0
+        seen = 0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            w, n = once()
+            wait += w
+            seen += n
+            bar.update()
+        _sync(device)
+        elapsed = max(time.perf_counter() - t0, 1e-9)
     rate = seen / elapsed
     return {
         "pairs_per_s": rate,
@@ -422,19 +480,21 @@ def _bench_eval(
             input_hw=_input_hw(cfg),
             amp_dtype=amp_dtype_for(device, cfg.fp16),
             max_images=images,
-            num_workers=cfg.num_workers,
+            num_workers=0,  # as training evaluates
             compute_map=False,
         ).metrics
 
-    if warmup:
-        run(min(warmup * batch, len(ds)))
     want = steps * batch
-    images = 0
-    infer_s = 0.0
-    while images < want:
-        metrics = run(min(want - images, len(ds)))
-        images += int(metrics["images"])
-        infer_s += float(metrics["infer_s"])
+    with _bar("eval", want + (min(warmup * batch, len(ds)) if warmup else 0)) as bar:
+        if warmup:
+            bar.update(int(run(min(warmup * batch, len(ds)))["images"]))
+        images = 0
+        infer_s = 0.0
+        while images < want:
+            metrics = run(min(want - images, len(ds)))
+            images += int(metrics["images"])
+            infer_s += float(metrics["infer_s"])
+            bar.update(int(metrics["images"]))
     rate = images / max(infer_s, 1e-9)
     return {
         "pairs_per_s": rate,
@@ -583,45 +643,112 @@ def _measure(
     wrapped: nn.Module,
     say: Callable[[str], None],
 ) -> None:
-    """Run the parts the report's config does not skip, into ``report["results"]``; say each rate."""
+    """Run the parts the report's config does not skip, into ``report["results"]``; say each rate.
+
+    The loader of the read and end-to-end parts (and its worker processes) starts first."""
     run, results = report["config"], report["results"]
     steps, warmup, skip = run["steps"], run["warmup"], run["skip"]
-    if "read" not in skip:
-        results["read"] = _bench_read(train_set, cfg, steps, warmup, device)
-        say(f"bench: read {_fmt(results['read']['pairs_per_s'])} pairs/s")
-    if "augment" not in skip:
-        results["augment"] = _bench_augment(train_set, cfg, steps, warmup, device)
-        say(f"bench: augment {_fmt(results['augment']['pairs_per_s'])} pairs/s")
-    if "step" not in skip or "train" not in skip:
-        step = TrainStep(
-            cfg,
-            net,
-            cfg.unfreeze_batch_size,
-            device=device,
-            amp_dtype=amp_dtype_for(device, cfg.fp16),
-            optimizer_choice=resolve_optimizer(cfg.optimizer, 0),
-        )
-        if "step" not in skip:
-            gflops = report["model"]["gflops_per_pair"]
-            results["step"] = _bench_step(step, wrapped, steps, warmup, gflops)
-            say(f"bench: model step {_fmt(results['step']['pairs_per_s'])} pairs/s")
-        if "train" not in skip:
-            results["train"] = _bench_train(step, wrapped, train_set, steps, warmup)
-            say(f"bench: end to end {_fmt(results['train']['pairs_per_s'])} pairs/s")
-            if "augment" in results and "step" in results:
-                # augmentation and the step run one after the other on the device
-                bound = 1.0 / (1.0 / results["augment"]["pairs_per_s"] + 1.0 / results["step"]["pairs_per_s"])
-                train = results["train"]
-                train["augment_step_bound"] = bound
-                train["detail"] += (
-                    f"; {100 * train['pairs_per_s'] / bound:.0f}% of augment+step {_fmt(bound)}"
-                )
-        del step
+    loader, batches = None, None
+    if "read" not in skip or "train" not in skip:
+        loader = _loader(train_set, cfg, cfg.num_workers, device)
+        batches = _cycle(loader)
+        next(batches)  # the workers start now, before any part grows the heap they would inherit
+    try:
+        if "read" not in skip:
+            results["read"] = _bench_read(train_set, cfg, steps, warmup, device, loader, batches)
+            say(f"bench: read {_fmt(results['read']['pairs_per_s'])} pairs/s")
+        if "augment" not in skip:
+            results["augment"] = _bench_augment(train_set, cfg, steps, warmup, device)
+            say(f"bench: augment {_fmt(results['augment']['pairs_per_s'])} pairs/s")
+        if "step" not in skip or "train" not in skip:
+            _measure_step(report, cfg, device, net, wrapped, loader, batches, say)
+    finally:
+        if batches is not None:
+            batches.close()
     if "eval" not in skip:
         eval_set, split = _eval_dataset(Path(cfg.data), cfg.modality, train_set)
         results["eval"] = _bench_eval(wrapped, eval_set, split, cfg, run["eval_batch"], steps, warmup, device)
         say(f"bench: eval {_fmt(results['eval']['pairs_per_s'])} pairs/s")
     unwrap(wrapped).train()
+
+
+def _measure_step(
+    report: dict[str, Any],
+    cfg: TrainConfig,
+    device: torch.device,
+    net: nn.Module,
+    wrapped: nn.Module,
+    loader: BatchLoader | None,
+    batches: Iterator[DeviceBatch] | None,
+    say: Callable[[str], None],
+) -> None:
+    """The model step and end-to-end parts, on one TrainStep."""
+    run, results = report["config"], report["results"]
+    steps, warmup, skip = run["steps"], run["warmup"], run["skip"]
+    step = TrainStep(
+        cfg,
+        net,
+        cfg.unfreeze_batch_size,
+        device=device,
+        amp_dtype=amp_dtype_for(device, cfg.fp16),
+        optimizer_choice=resolve_optimizer(cfg.optimizer, 0),
+    )
+    if "step" not in skip:
+        gflops = report["model"]["gflops_per_pair"]
+        estimate = report["memory"]["estimate_bytes"]
+        results["step"] = _bench_step(step, wrapped, steps, warmup, gflops, estimate)
+        say(f"bench: model step {_fmt(results['step']['pairs_per_s'])} pairs/s")
+    if "train" not in skip and loader is not None and batches is not None:
+        results["train"] = _bench_train(step, wrapped, steps, warmup, loader, batches)
+        say(f"bench: end to end {_fmt(results['train']['pairs_per_s'])} pairs/s")
+        if "augment" in results and "step" in results:
+            # augmentation and the step run one after the other on the device
+            bound = 1.0 / (1.0 / results["augment"]["pairs_per_s"] + 1.0 / results["step"]["pairs_per_s"])
+            train = results["train"]
+            train["augment_step_bound"] = bound
+            train["detail"] += f"; {100 * train['pairs_per_s'] / bound:.0f}% of augment+step {_fmt(bound)}"
+
+
+def _fit_memory(
+    cfg: TrainConfig,
+    net: nn.Module,
+    train_set: PreparedDataset,
+    device: torch.device,
+    fit_batch: bool,
+    say: Callable[[str], None],
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config with a batch whose training step fits the free memory (halved from the default while it
+    does not, when ``fit_batch``) and the memory figures; ConfigError naming --batch when the batch asked
+    for does not fit."""
+    asked = batch = cfg.unfreeze_batch_size
+    while True:
+        need, fixed = training_need(
+            net,
+            _input_hw(cfg),
+            batch,
+            store_hw=train_set.store_hw,
+            optimizer=resolve_optimizer(cfg.optimizer, 0)[0],
+            workers=cfg.num_workers,
+            prefetch=cfg.prefetch_factor,
+            device=device,
+            half=amp_dtype_for(device, cfg.fp16) is not None,
+        )
+        if need.fits or not fit_batch or batch == 1:
+            break
+        batch //= 2
+    if not need.fits:
+        fits = need.largest_batch(batch, fixed)
+        hint = f"about {fits} fits" if fits else "not even 1 fits"
+        raise ConfigError(
+            f"bench: --batch {batch} at {cfg.input_shape[0]}x{cfg.input_shape[1]} needs about "
+            f"{need.need / GiB:.1f} GiB, {need.free / GiB:.1f} GiB are free on {device.type}: lower --batch "
+            f"({hint}), --imgsz or --model"
+        )
+    if batch != asked:
+        say(f"bench: batch {batch}: the default {asked} does not fit the free memory")
+        cfg = dataclasses.replace(cfg, unfreeze_batch_size=batch, freeze_batch_size=batch)
+    say(need.line())
+    return cfg, {"estimate_bytes": need.need, "free_bytes": need.free, "batch": batch}
 
 
 def run_bench(
@@ -633,30 +760,35 @@ def run_bench(
     out: str | Path | None = Path("runs/bench"),
     eval_batch: int | None = None,
     threads: int = 0,
+    fit_batch: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Measure the five rates for ``cfg`` (its data, modality, model, fusion, input_shape, batch =
     unfreeze_batch_size, num_workers, device, compile, seed); print the table, write ``out/bench.json``.
 
-    Returns the report: ``config``, ``environment``, ``model`` (params, GFLOPs per pair),
-    ``results`` (one dict per measured part, each with ``pairs_per_s``), ``verdict`` and
-    ``bottleneck`` (the slowest of read / augment / step). ``out=None`` writes no file.
-    ``eval_batch`` defaults to the batch; ``threads`` > 0 sets the torch CPU thread count for the run
-    (restored afterwards).
+    Returns the report: ``config``, ``environment``, ``model`` (params, GFLOPs per pair), ``memory``
+    (the estimate of a step and the free memory), ``results`` (one dict per measured part, each with
+    ``pairs_per_s``), ``verdict`` and ``bottleneck`` (the slowest of read / augment / step).
+    ``out=None`` writes no file. ``eval_batch`` defaults to the batch; ``threads`` > 0 sets the torch
+    CPU thread count for the run (restored afterwards). With ``fit_batch`` a batch that does not fit the
+    free memory is halved until it does, else it is a ConfigError.
     """
     if threads < 0:
         raise ValueError(f"bench: --threads must be >= 0, got {threads}")
     validate(cfg)
+    say = log or (lambda _m: None)
     with torch_threads(threads):
-        eval_batch = cfg.unfreeze_batch_size if eval_batch is None else eval_batch
-        _check_args(steps, warmup, skip, eval_batch)
-        train_set = _train_dataset(Path(cfg.data), cfg.modality)
+        _check_args(steps, warmup, skip, 1 if eval_batch is None else eval_batch)
         device = pick_device(cfg.device)
+        train_set = _train_dataset(Path(cfg.data), cfg.modality)
         net, wrapped, info = _model(cfg, train_set, device)
+        cfg, memory = _fit_memory(cfg, net, train_set, device, fit_batch, say)
+        eval_batch = cfg.unfreeze_batch_size if eval_batch is None else eval_batch
         report = _report(
             cfg, train_set, device, info, steps=steps, warmup=warmup, eval_batch=eval_batch, skip=skip
         )
-        _measure(report, cfg, train_set, device, net, wrapped, log or (lambda _m: None))
+        report["memory"] = memory
+        _measure(report, cfg, train_set, device, net, wrapped, say)
         report["verdict"], report["bottleneck"] = verdict(report["results"])
         if out is not None:
             from fredfusion.files import write_json_atomic

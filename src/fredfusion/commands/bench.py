@@ -7,7 +7,13 @@ from pathlib import Path
 
 from fredfusion.commands import flags
 from fredfusion.config import ConfigError, TrainConfig, load_config
-from fredfusion.spec import DEFAULT_INPUT_HW, FUSIONS, MODALITIES, SIZES
+from fredfusion.spec import FUSIONS, MODALITIES, SIZES
+
+DEFAULTS_TEXT = "fits the device: {cpu} on a CPU, {gpu} on a GPU"
+
+
+def _fits(cpu: object, gpu: object) -> str:
+    return DEFAULTS_TEXT.format(cpu=cpu, gpu=gpu)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,15 +23,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="measure store read, augment, model step, end-to-end and eval rates; name the bottleneck",
     )
     flags.add_data(p)
-    p.add_argument("--modality", choices=MODALITIES, default="dual", help="default: dual")
-    p.add_argument("--model", choices=tuple(SIZES), default="s", help="model size (default: s)")
-    p.add_argument("--fusion", choices=FUSIONS, default="concat", help="dual models (default: concat)")
-    flags.add_batch(p, 32)
-    p.add_argument("--eval-batch", type=int, default=None, help="default: --batch")
-    p.add_argument("--steps", type=int, default=20, help="timed iterations per part")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations before each part")
-    flags.add_input_shape(p, default=list(DEFAULT_INPUT_HW), help="network input H W (default: 384 640)")
-    flags.add_workers(p, 2, "loader worker processes")
+    p.add_argument(
+        "--modality", choices=MODALITIES, default="dual", help="what the model looks at (default: dual)"
+    )
+    p.add_argument(
+        "--model", choices=tuple(SIZES), default=None, help=f"model size (default: {_fits('n', 's')})"
+    )
+    p.add_argument(
+        "--fusion", choices=FUSIONS, default="concat", help="how a dual model fuses (default: concat)"
+    )
+    flags.add_batch(
+        p, None, "images per batch", _fits(16, 128) + ", halved while it does not fit the free memory"
+    )
+    p.add_argument(
+        "--eval-batch",
+        type=flags.int_at_least(1),
+        default=None,
+        help="images per evaluation batch (default: --batch)",
+    )
+    p.add_argument(
+        "--steps",
+        type=flags.int_at_least(1),
+        default=None,
+        help=f"timed iterations per part (default: {_fits(8, 20)})",
+    )
+    p.add_argument(
+        "--warmup",
+        type=flags.int_at_least(0),
+        default=None,
+        help=f"untimed iterations before each part (default: {_fits(2, 3)})",
+    )
+    flags.add_input_shape(p, help=f"network input H W (default: {_fits('192 320', '384 640')})")
+    p.add_argument(
+        "--workers",
+        type=flags.int_at_least(0),
+        default=None,
+        help=f"loader worker processes (default: {_fits(0, 'up to 12')})",
+    )
     flags.add_device(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     flags.add_out(p, Path("runs/bench"), "folder of bench.json (default: runs/bench)")
@@ -33,7 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--skip", nargs="+", default=[], metavar="PART", help="parts to skip: read augment step train eval"
     )
     flags.add_seed(p)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument(
+        "--threads", type=flags.int_at_least(0), default=0, help="torch CPU threads (0: leave as is)"
+    )
     p.set_defaults(func=run)
 
 
@@ -50,6 +86,23 @@ FLAGS = {
     "seed": "--seed",
 }
 """The TrainConfig field each bench flag sets."""
+
+
+def with_device_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the flags not given set to ``bench.device_defaults`` of the device asked for."""
+    from fredfusion.bench import device_defaults
+    from fredfusion.engine.runtime import pick_device
+
+    defaults = device_defaults(pick_device(args.device))
+    values = dict(vars(args))
+    for flag, key in (("model", "model"), ("batch", "batch"), ("steps", "steps"), ("warmup", "warmup")):
+        if values[flag] is None:
+            values[flag] = defaults[key]
+    if values["workers"] is None:
+        values["workers"] = defaults["workers"]
+    if values["input_shape"] is None:
+        values["input_shape"] = list(defaults["input_hw"])
+    return argparse.Namespace(**values)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -70,13 +123,15 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print its table."""
     from fredfusion.bench import run_bench
 
+    full = with_device_defaults(args)
     run_bench(
-        config_from_args(args),
-        steps=args.steps,
-        warmup=args.warmup,
+        config_from_args(full),
+        steps=full.steps,
+        warmup=full.warmup,
         out=args.out,
         skip=args.skip,
         eval_batch=args.eval_batch,
         threads=args.threads,
+        fit_batch=args.batch is None,
     )
     return 0

@@ -40,6 +40,7 @@ from fredfusion.engine.checkpoint import (
 )
 from fredfusion.engine.ema import unwrap
 from fredfusion.engine.errors import TrainingStopped
+from fredfusion.engine.memory import training_need
 from fredfusion.engine.meters import EpochMeter
 from fredfusion.engine.model_setup import build_run_model
 from fredfusion.engine.optim import AUTO_MAX_STEPS, LRSchedule, resolve_optimizer, set_lr
@@ -203,6 +204,7 @@ class Trainer:
             optimizer_choice=self._optimizer_choice(end_epoch),
             world_size=self.dist.world_size,
         )
+        self._check_memory(end_epoch)
         self.schedule = LRSchedule(
             total_epochs=float(end_epoch - cfg.init_epoch if cfg.quick_test else end_epoch),
             warmup_epochs=cfg.warmup_epochs,
@@ -225,6 +227,32 @@ class Trainer:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         return summary
+
+    def _check_memory(self, end_epoch: int) -> None:
+        """On a CPU: the memory a step of the largest phase batch will add, against what is free, in one
+        line; a ConfigError naming --batch before training when it does not fit (instead of the kernel
+        killing the run). The estimate and its margin: ``engine.memory``."""
+        if self.device.type != "cpu":
+            return
+        cfg = self.cfg
+        batch = max(self._phase(cfg.init_epoch)[1], self._phase(max(end_epoch - 1, cfg.init_epoch))[1])
+        need, fixed = training_need(
+            unwrap(self.step.model),
+            self.input_hw,
+            batch,
+            store_hw=self.data.train.store_hw,
+            optimizer=self.step.choice[0],
+            workers=cfg.num_workers,
+            prefetch=cfg.prefetch_factor,
+        )
+        self.log(need.line())
+        if not need.fits:
+            fits = need.largest_batch(batch, fixed)
+            h, w = self.input_hw
+            raise ConfigError(
+                f"not enough memory for training: {need.line().removeprefix('memory: ')}; lower --batch "
+                f"{batch} (about {fits} fits at {h}x{w}) or --imgsz, or free memory"
+            )
 
     def _claim_run_dir(self) -> None:
         """A new run never writes into a taken run folder: the next free name (dual2, dual3, ...) unless
