@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from fredfusion.cli import main
-from fredfusion.model.convert import OLD_TOOL_ANCHORS, convert_state_dict, focus_to_stem, with_layout
+from fredfusion.model.convert import (
+    OLD_TOOL_ANCHORS,
+    convert_state_dict,
+    focus_to_stem,
+    parse_anchors,
+    with_layout,
+)
 from fredfusion.model.detector import build_model
 from fredfusion.model.weights import CheckpointError, load_model, load_weights, read_weights
 from fredfusion.spec import SIZES
@@ -420,3 +426,13 @@ def test_convert_command_writes_a_checkpoint_eval_and_export_load(
     assert main(["convert", "--weights", str(tmp_path / "nope.pth"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.pth" in err[0] and "Traceback" not in err[0]
+
+
+def test_the_old_tools_anchors_file_replaces_its_default_anchors(tmp_path: Path) -> None:
+    text = "8,6, 12,9, 18,12, 26,18, 38,26, 56,38, 80,54, 116,78, 168,112\n"
+    anchors = parse_anchors(text)
+    assert anchors.shape == (3, 3, 2) and anchors[0, 0].tolist() == [8.0, 6.0]
+    with pytest.raises(ValueError, match="9 positive"):
+        parse_anchors("10,13, 16,30")
+    path = _save(_randomise(OldBody(nc=1)).state_dict(), tmp_path / "old.pth")
+    torch.testing.assert_close(read_weights(path, anchors).state["anchors"], anchors)
