@@ -22,7 +22,7 @@ from fredfusion.spec import INPUT_MULTIPLE, frames_for
 
 MARGIN = 1.25
 """The estimate is multiplied by this (the largest measured peak / estimate was below it)."""
-EVAL_SHARE = 0.3
+EVAL_SHARE = 0.35
 """Peak activations of an evaluation batch as a share of the training activations of the same batch."""
 AUGMENT_FLOATS = 6
 """float32 copies of an input image (per modality) the augmentation holds at once (canvases, blends)."""
