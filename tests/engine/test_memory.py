@@ -111,7 +111,7 @@ def test_evaluation_that_does_not_fit_is_refused(
     argv = ["eval", "--weights", str(weights), "--data", str(tiny_prepared), "--split", "val"]
     argv += ["--imgsz", "128", "--batch", "16", "--out", str(tmp_path / "report")]
     assert main(argv) == 0
-    assert "memory: evaluation at batch 16 needs about " in capsys.readouterr().out
+    assert "  memory: evaluation at batch 16 needs about " in capsys.readouterr().out
 
     monkeypatch.setattr(memory, "free_bytes", lambda device=None: 2**20)
     assert main(argv) == 2

@@ -82,17 +82,17 @@ def _evaluate_one(
     model, payload = load_model(path, dev)
     hw = input_hw_of(payload, input_hw, str(path))
     dataset = PreparedDataset(data, split, modality=model.modality, pairs="dual")
+    log(f"eval {path}: {model.modality} YOLO-{model.size} on {len(dataset)} {split} pairs at {hw[1]}x{hw[0]}")
     if dev.type == "cpu":
         batch = settings["batch_size"]
         need = evaluation_need(model, hw, batch, store_hw=dataset.store_hw, workers=settings["num_workers"])
-        log(need.line())
+        log(f"  {need.line()}")
         if not need.fits:
             fits = need.largest_batch(batch, 0)
             raise ConfigError(
                 f"not enough memory: {need.line().removeprefix('memory: ')}; lower --batch {batch} "
                 f"(about {fits} fits at {hw[0]}x{hw[1]}) or free memory"
             )
-    log(f"eval {path}: {model.modality} YOLO-{model.size} on {len(dataset)} {split} pairs at {hw[1]}x{hw[0]}")
     t0 = time.perf_counter()
     amp = amp_dtype_for(dev, True)
     result = evaluate(model, dataset, device=dev, input_hw=hw, amp_dtype=amp, progress=True, **settings)
