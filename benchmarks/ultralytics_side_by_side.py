@@ -218,9 +218,10 @@ def train_fredfusion(
         }
     )
     t0 = time.perf_counter()
-    summary = Trainer(cfg, log=log).fit()
+    trainer = Trainer(cfg, log=log)
+    summary = trainer.fit()
     wall = time.perf_counter() - t0
-    with (cfg.run_dir() / "results.csv").open(newline="") as handle:
+    with (trainer.run_dir / "results.csv").open(newline="") as handle:
         rates = [float(row["pairs_per_s"]) for row in csv.DictReader(handle) if row.get("pairs_per_s")]
     n = len(PreparedDataset(prepared, "train", modality=modality, pairs="dual"))
     per_epoch = (n // batch) * batch if n >= batch else n
