@@ -72,6 +72,7 @@ def _mistakes(f: dict[str, Path], data: Path, out: Path) -> dict[str, list[tuple
             (["--data", d, "--resume", good], "last.pth"),
             (["--data", d, "--bacth", "8"], "--batch"),
             (["--data", d, "--model", "n", "--weights", garbage, "--out", o], garbage),
+            (["--data", d, "--model", "n", "--weights", missing, "--out", o], missing),
         ],
         "eval": [
             (["--weights", missing, "--data", d], missing),
