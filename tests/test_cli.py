@@ -162,7 +162,7 @@ def test_a_mistake_in_a_real_process_prints_no_traceback(files: dict[str, Path],
 # ------------------------------------------------------------------------------------- vocabulary
 SHARED = {
     "--batch": ("train", "eval", "predict", "bench"),
-    "--imgsz": ("train", "eval", "predict", "export", "show", "bench", "prepare"),
+    "--imgsz": ("train", "eval", "predict", "export", "show", "bench", "prepare", "demo"),
     "--input-shape": ("train", "eval", "predict", "export", "show", "bench"),
     "--conf": ("train", "eval", "predict"),
     "--iou": ("train", "eval", "predict"),
@@ -171,7 +171,7 @@ SHARED = {
     "--data": ("train", "eval", "show", "bench"),
     "--out": ("synth", "prepare", "train", "eval", "predict", "show", "export", "demo", "bench"),
     "--workers": ("synth", "prepare", "train", "eval", "bench"),
-    "--seed": ("synth", "prepare", "train", "show", "bench"),
+    "--seed": ("synth", "prepare", "train", "show", "bench", "demo"),
 }
 
 
@@ -192,7 +192,11 @@ def test_every_option_has_a_description() -> None:
     for name, parser in parsers.items():
         for action in parser._actions:
             text = (action.help or "").strip()
-            if action.help == argparse.SUPPRESS or not text or text.startswith("(default"):
+            if (
+                action.help == argparse.SUPPRESS
+                or not text
+                or text.lower().startswith(("(default", "default"))
+            ):
                 bare.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
     assert not bare, bare
 

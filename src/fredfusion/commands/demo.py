@@ -115,11 +115,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--sequences", type=int, default=10, help="synthetic sequences (default: 10)")
     p.add_argument("--frames", type=int, default=60, help="RGB frames per sequence (default: 60)")
-    p.add_argument("--epochs", type=int, default=None, help="default: 7 on CPU, 60 on GPU")
-    p.add_argument("--modality", choices=MODALITIES, default="dual", help="default: dual")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 7 on CPU, 60 on GPU)")
+    p.add_argument(
+        "--modality", choices=MODALITIES, default="dual", help="what the model looks at (default: dual)"
+    )
     p.add_argument("--model", choices=tuple(SIZES), default="n", help="model size (default: n)")
     p.add_argument("--codec", default="auto", help="frame store codec, as for prepare (default: auto)")
+    p.add_argument(
+        "--imgsz",
+        type=flags.int_at_least(32),
+        default=None,
+        metavar="W",
+        help="frame store and input width; the height follows at 16:9 (default: 320 on CPU, 640 on GPU)",
+    )
     flags.add_device(p)
+    flags.add_seed(p)
     p.set_defaults(func=run)
 
 
@@ -133,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         modality=args.modality,
         model=args.model,
         device=args.device,
+        imgsz=args.imgsz,
+        seed=args.seed,
         codec=args.codec,
     )
     return 0

@@ -14,7 +14,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fredfusion prepare``."""
     p = sub.add_parser("prepare", help="index, pair, split a FRED tree; write COCO files and the frame store")
     p.add_argument(
-        "--fred-root", type=Path, default=None, help=f"default: $FRED_ROOT or {flags.DEFAULT_FRED_ROOT}"
+        "--fred-root",
+        type=Path,
+        default=None,
+        help=f"the FRED tree to read (default: $FRED_ROOT or {flags.DEFAULT_FRED_ROOT})",
     )
     flags.add_out(p, flags.DEFAULT_DATA, f"prepared folder to write (default: {flags.DEFAULT_DATA})")
     p.add_argument("--split", default="canonical", help="canonical | challenging | a split file")
