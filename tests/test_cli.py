@@ -225,3 +225,20 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"fredfusion {__version__}"
+
+
+def test_out_of_memory_outside_training_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fredfusion.commands.eval as eval_cmd
+
+    def oom(_args: argparse.Namespace) -> int:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n(details)")
+
+    monkeypatch.setattr(eval_cmd, "run", oom)
+    rc, err = _run(["eval", "--weights", "w.pth"], capsys)
+    assert rc == 2
+    assert (
+        err
+        == "fredfusion eval: error: CUDA out of memory. Tried to allocate 2.00 GiB; lower --batch or --imgsz\n"
+    )

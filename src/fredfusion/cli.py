@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+import torch
+
 from fredfusion import __version__
 from fredfusion.commands import NAMES
 from fredfusion.commands.flags import Parser
@@ -55,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(exc.code, str):
             raise
         print(f"{where}: error: {_one_line(exc.code)}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        print(f"{where}: error: {first}; lower --batch or --imgsz", file=sys.stderr)
         return 2
     except USER_ERRORS as exc:
         print(f"{where}: error: {_one_line(exc)}", file=sys.stderr)
