@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 from fredfusion.cli import USER_ERRORS
-from fredfusion.commands.flags import default_fred_root
+from fredfusion.commands.flags import Parser, default_fred_root
 from fredfusion.commands.train import add_train_flags, config_from_args
+from fredfusion.engine.loggers import check_loggers
 
 PREPARED = Path("datasets/fred_coco")
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(description="Train an RGB / Event / dual fusion drone detector on FRED.")
+    parser = Parser(description="Train an RGB / Event / dual fusion drone detector on FRED.")
     add_train_flags(parser)
     parser.add_argument(
         "--fred_root", "--fred-root", default=None, help="default: $FRED_ROOT or /mnt/data/datasets/fred"
@@ -48,11 +48,12 @@ def _train(argv: list[str] | None) -> int:
     args.name = getattr(args, "name", name)
     args.best_alias = getattr(args, "best_alias", str(Path(args.save_dir) / args.name / f"{name}_best.pth"))
     cfg = config_from_args(args)
+    check_loggers(cfg)
     if not (Path(cfg.data) / "annotations" / "instances_train.json").is_file():
         from fredfusion.data.prepare import prepare
 
         print(f"{cfg.data} is not prepared yet: preparing {fred_root} (one time)")
-        prepare(fred_root, Path(cfg.data), workers=min(8, os.cpu_count() or 1))
+        prepare(fred_root, Path(cfg.data), workers=os.cpu_count() or 1)
     from fredfusion.engine.trainer import Trainer
 
     Trainer(cfg).fit()
