@@ -179,16 +179,18 @@ def training_need(
 ) -> tuple[MemoryNeed, int]:
     """(``MemoryNeed`` of a training step at ``batch`` images, the bytes that do not grow with the batch).
 
-    Gradients and optimizer state (1 slot for SGD, 2 for AdamW), saved activations (halved with
-    ``half``: mixed precision) and augmentation canvases per image, the loader's batches in flight on
-    the host (not counted for a CUDA ``device``); times MARGIN."""
+    Gradients, optimizer state (1 slot for SGD, 2 for AdamW) and EMA weights, the step guard's copy of
+    what an update writes (parameters, optimizer state, EMA), saved activations (halved with ``half``:
+    mixed precision) and augmentation canvases per image, the loader's batches in flight on the host
+    (not counted for a CUDA ``device``); times MARGIN."""
     param_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     slots = 2 if optimizer in ("adamw", "adam", "auto") else 1
     per_image_raw = saved_bytes_per_image(model, input_hw) // (2 if half else 1)
     per_image_raw += AUGMENT_FLOATS * 3 * input_hw[0] * input_hw[1] * 4 * len(frames_for(model.modality))
     on_host = device is None or device.type != "cuda"
     loader_per_image = _loader_bytes(store_hw, model.modality, 1, workers, prefetch) if on_host else 0
-    fixed = int(param_bytes * (1 + slots) * MARGIN)
+    # gradients, optimizer slots and EMA weights; the step guard copies parameters, slots and EMA again
+    fixed = int(param_bytes * 2 * (2 + slots) * MARGIN)
     per_image = int(per_image_raw * MARGIN) + loader_per_image
     need = MemoryNeed(f"training at batch {batch}", fixed + batch * per_image, free_bytes(device), per_image)
     return need, fixed
