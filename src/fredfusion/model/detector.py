@@ -9,14 +9,13 @@ Module names (they define the state-dict keys, which the weight mapping relies o
   ``fusion_p3``, ``fusion_p4``, ``fusion_p5``, ``neck``, ``head``.
 
 So an RGB model's ``backbone.*`` maps onto ``backbone_rgb.*`` and ``backbone_event.*`` of a dual
-model (see :meth:`FusionYOLO.load_rgb_weights`); neck and head keys are the same in every model.
+model (see ``model.weights.load_weights``); neck and head keys are the same in every model.
 The fusion name is ignored by single-modality models.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -27,8 +26,6 @@ from fredfusion.model.fusion import make_fusion
 from fredfusion.spec import DEFAULT_INPUT_HW, FUSIONS, INPUT_MULTIPLE, MODALITIES, SIZES, frames_for
 
 NUM_ANCHORS = 3
-BACKBONE_PREFIXES = ("backbone.", "backbone_rgb.", "backbone_event.")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _check_choice(what: str, value: str, valid: tuple[str, ...] | list[str]) -> None:
@@ -207,63 +204,6 @@ class FusionYOLO(nn.Module):
         a = _check_anchors(anchors)
         with torch.no_grad():
             self.anchors.copy_(a.to(device=self.anchors.device, dtype=self.anchors.dtype))
-
-    def load_rgb_weights(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-        """Initialise from another FusionYOLO's state dict; returns ``(loaded, tensors in this model)``.
-
-        Every tensor whose name and shape match is copied (neck, head, anchors, fusion blocks, same-named
-        backbones). A backbone tensor without a same-named, same-shaped source is taken from the source's
-        ``backbone.*`` (an RGB, Event or early-fusion model) or else ``backbone_rgb.*``, so an RGB model's
-        backbone initialises both backbones of a dual model. For a 6-channel early-fusion stem the
-        3-channel source kernel goes into both halves, scaled by 0.5. ``module.`` / ``_orig_mod.``
-        prefixes (DDP, torch.compile) are stripped. Other tensors keep their values.
-        """
-        src: dict[str, torch.Tensor] = {}
-        for key, value in state_dict.items():
-            name = str(key)
-            for prefix in _WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name = name[len(prefix) :]
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
-            src[name] = value
-        src_backbone = next(
-            (p for p in ("backbone.", "backbone_rgb.") if any(k.startswith(p) for k in src)), None
-        )
-        own = self.state_dict()
-        loaded = 0
-        with torch.no_grad():
-            for name, dst in own.items():
-                value = self._source_tensor(name, dst, src, src_backbone)
-                if value is not None:
-                    dst.copy_(value)
-                    loaded += 1
-        return loaded, len(own)
-
-    @staticmethod
-    def _source_tensor(
-        name: str, dst: torch.Tensor, src: dict[str, torch.Tensor], src_backbone: str | None
-    ) -> torch.Tensor | None:
-        value = src.get(name)
-        if value is not None and value.shape == dst.shape:
-            return value
-        prefix = next((p for p in BACKBONE_PREFIXES if name.startswith(p)), None)
-        if prefix is None or src_backbone is None:
-            return None
-        value = src.get(src_backbone + name[len(prefix) :])
-        if value is None:
-            return None
-        if value.shape == dst.shape:
-            return value
-        if (
-            dst.dim() == 4
-            and value.dim() == 4
-            and dst.shape[1] == 2 * value.shape[1]
-            and dst.shape[0] == value.shape[0]
-            and dst.shape[2:] == value.shape[2:]
-        ):
-            return torch.cat((value, value), dim=1) * 0.5
-        return None
 
 
 def build_model(

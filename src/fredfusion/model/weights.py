@@ -148,20 +148,22 @@ def _source_of(
     """The source key and value for the model tensor ``name``: the same name and shape, else for a
     backbone tensor the one under the ``other`` backbone prefix (one backbone fills both of a dual model;
     a 3-channel stem kernel fills both halves of a 6-channel one, scaled by 0.5)."""
-    value = src.get(name)
-    if value is not None and value.shape == dst.shape:
-        return name, value
     prefix = _BACKBONE.match(name)
+    keys = [name] if prefix is None else [name, other[prefix[0]] + name[prefix.end() :]]
+    for key in keys:
+        value = src.get(key)
+        if value is not None and value.shape == dst.shape:
+            return key, value
     if prefix is None:
         return None, None
-    key = other[prefix[0]] + name[prefix.end() :]
-    value = src.get(key)
-    if value is None:
-        return None, None
-    if value.shape == dst.shape:
-        return key, value
-    if value.dim() == 4 and tuple(dst.shape) == (value.shape[0], 2 * value.shape[1], *value.shape[2:]):
-        return key, torch.cat((value, value), dim=1) * 0.5
+    for key in keys:  # a 3-channel stem kernel into a 6-channel (early fusion) stem
+        value = src.get(key)
+        if (
+            value is not None
+            and value.dim() == 4
+            and tuple(dst.shape) == (value.shape[0], 2 * value.shape[1], *value.shape[2:])
+        ):
+            return key, torch.cat((value, value), dim=1) * 0.5
     return None, None
 
 
