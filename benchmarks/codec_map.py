@@ -24,6 +24,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=7)
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--device", default="")
+    p.add_argument("--arch", default="yolov5", help="detector family trained on every store")
     p.add_argument("--out", type=Path, default=Path("runs/codec_map"))
     args = p.parse_args()
     from fredfusion.commands.demo import demo_config, train_and_test
@@ -45,7 +46,9 @@ def main() -> None:
         rows[codec] = {}
         for seed in args.seeds:
             run = args.out / f"{codec}_seed{seed}"
-            cfg = demo_config(prepared, run, "dual", "n", args.epochs, args.imgsz, args.device, seed)
+            cfg = demo_config(
+                prepared, run, "dual", "n", args.epochs, args.imgsz, args.device, seed, args.arch
+            )
             metrics = train_and_test(cfg, run / "eval")["test"]
             rows[codec][seed] = {"mAP50": float(metrics["mAP50"]), "mAP50_95": float(metrics["mAP50_95"])}
             print(f"{codec} seed {seed}: {rows[codec][seed]}", flush=True)

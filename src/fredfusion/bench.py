@@ -586,8 +586,8 @@ def _model(
     from fredfusion.engine.model_setup import run_anchors
     from fredfusion.model import build_model, model_info
 
-    anchors = run_anchors(cfg, train_set, lambda _m: None)
-    net = build_model(cfg.modality, cfg.model, cfg.fusion, num_classes=1, anchors=anchors)
+    anchors = run_anchors(cfg, train_set, lambda _m: None) if cfg.arch == "yolov5" else None
+    net = build_model(cfg.modality, cfg.model, cfg.fusion, num_classes=1, anchors=anchors, arch=cfg.arch)
     info = model_info(net, _input_hw(cfg))
     net = net.to(device)
     if cfg.channels_last:

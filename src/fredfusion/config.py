@@ -15,6 +15,7 @@ import yaml
 
 from fredfusion.files import write_text_atomic
 from fredfusion.spec import (
+    ARCHS,
     DEFAULT_INPUT_HW,
     FUSIONS,
     MODALITIES,
@@ -37,6 +38,7 @@ class TrainConfig:
     data: str = "datasets/fred_coco"
     modality: str = "dual"
     model: str = "s"
+    arch: str = "yolov5"
     fusion: str = "concat"
     input_shape: list[int] = field(default_factory=lambda: list(DEFAULT_INPUT_HW))  # (height, width)
     weights: str = ""  # initialise from these weights (rgb -> dual mapping supported)
@@ -119,6 +121,7 @@ FIELD_HELP: dict[str, str] = {
     "data": "prepared folder (the output of fredfusion prepare)",
     "modality": "what the model looks at: RGB frames, event frames or both",
     "model": "model size",
+    "arch": "detector family: yolov5 (anchor-based, the old tool's) or yolov8 (anchor-free, DFL head)",
     "fusion": "how a dual model joins its two inputs",
     "input_shape": "network input height and width, multiples of 32",
     "weights": "checkpoint to initialise from (an RGB model fills both backbones of a dual one)",
@@ -220,6 +223,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CHOICES = {
     "modality": MODALITIES,
     "model": tuple(SIZES),
+    "arch": ARCHS,
     "fusion": FUSIONS,
     "optimizer": ("sgd", "adamw", "adam", "auto"),
     "lr_decay_type": ("cos", "step", "linear"),

@@ -58,20 +58,16 @@ def input_names_for(modality: str) -> list[str]:
 
 
 class DecodedDetector(nn.Module):
-    """A FusionYOLO whose forward takes only the inputs of its modality and returns decoded rows."""
+    """A detector whose forward takes only the inputs of its modality and returns decoded rows."""
 
     def __init__(self, model: nn.Module) -> None:
-        from fredfusion.model.postprocess import decode  # imported here, never while tracing
-
         super().__init__()
         self.model = model
         self.modality = str(model.modality)
-        self._decode = decode
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         given = dict(zip(frames_for(self.modality), inputs))
-        maps = self.model(given.get("rgb"), given.get("event"))
-        return self._decode(maps, self.model.anchors, self.model.strides)
+        return self.model.decode(self.model(given.get("rgb"), given.get("event")))
 
 
 def _require(module: str) -> Any:

@@ -168,7 +168,7 @@ def test_empty_targets_objectness_only_hand_computed() -> None:
     preds = [p.requires_grad_() for p in _maps(bsz, 64, 96, 1, fill=0.0)]
     loss, parts = loss_fn(preds, torch.zeros(0, 6))
     obj = math.log(2) * (4.0 + 1.0 + 0.4)  # BCE(0, 0) = ln 2 on every cell, times the level balance
-    assert parts.tolist() == pytest.approx([0.0, obj, 0.0], abs=1e-6)
+    assert parts.tolist() == pytest.approx([0.0, obj, 0.0, 0.0], abs=1e-6)
     assert loss.item() == pytest.approx(obj * bsz, abs=1e-5)
     assert not parts.requires_grad
     loss.backward()
@@ -241,7 +241,7 @@ def test_loss_needs_no_values_on_the_host() -> None:
             head = torch.zeros((1, 3, 1, 1, 7), device=dev, requires_grad=True)
             preds = [torch.empty((bsz, 3, 64 // s, 96 // s, 1), device=dev) * head for s in STRIDES]
             loss, parts = loss_fn(preds, targets)
-            assert loss.shape == () and parts.shape == (3,) and loss.device.type == dev
+            assert loss.shape == () and parts.shape == (4,) and loss.device.type == dev
             if dev == "cpu":
                 loss.backward()
                 assert head.grad.shape == (1, 3, 1, 1, 7)

@@ -120,7 +120,7 @@ def test_loss_trains_a_tiny_model_to_find_its_boxes() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.5 * first and parts.shape == (3,)
+    assert loss.item() < 0.5 * first and parts.shape == (4,) and parts[1] == 0
     with torch.no_grad():
         dets = non_max_suppression(model.decode(model(None, x)), 0.25, 0.45)
     for k, (_img, _cls, *box) in enumerate(targets[:2].tolist()):
@@ -143,4 +143,22 @@ def test_loss_makes_no_host_sync() -> None:
                 torch.empty((2, 4 * REG_MAX + 2, 64 // s, 96 // s), device=dev) * head for s in (8, 16, 32)
             ]
             loss, parts = loss_fn(preds, targets)
-            assert loss.shape == () and parts.shape == (3,) and loss.device.type == dev
+            assert loss.shape == () and parts.shape == (4,) and loss.device.type == dev
+
+
+def test_a_box_smaller_than_a_cell_gets_the_cell_that_holds_its_centre() -> None:
+    """No cell centre lies inside a 3x3 px box between centres; with the cell sizes the cell holding its
+    centre is a candidate (one per level), so the box is learned."""
+    points = torch.tensor([[4.0 + 8 * i, 4.0] for i in range(4)])
+    boxes = torch.cat((points - 4, points + 4), -1)[None]
+    gt_box = torch.tensor([[[9.0, 0.5, 12.0, 3.5]]])  # centre (10.5, 2): inside cell 1 ([8, 16) x [0, 8))
+    gt_cls, gt_ok = torch.zeros(1, 1, dtype=torch.long), torch.tensor([[True]])
+    scores = torch.full((1, 4, 1), 0.5)
+    cfg = V8LossConfig(topk=3)
+    _, _, fg = task_aligned_assign(scores, boxes, points, gt_cls, gt_box, gt_ok, cfg)
+    assert not fg.any()  # the published rule leaves it without a positive cell
+    _, target_box, fg = task_aligned_assign(
+        scores, boxes, points, gt_cls, gt_box, gt_ok, cfg, torch.full((4, 1), 8.0)
+    )
+    assert fg[0].tolist() == [False, True, False, False]
+    assert target_box[0, 1].tolist() == gt_box[0, 0].tolist()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fredfusion.commands import flags
 from fredfusion.config import ConfigError, TrainConfig, load_config
-from fredfusion.spec import FUSIONS, MODALITIES, SIZES
+from fredfusion.spec import ARCHS, FUSIONS, MODALITIES, SIZES
 
 DEFAULTS_TEXT = "fits the device: {cpu} on a CPU, {gpu} on a GPU"
 
@@ -32,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fusion", choices=FUSIONS, default="concat", help="how a dual model fuses (default: concat)"
     )
+    p.add_argument("--arch", choices=ARCHS, default="yolov5", help="detector family (default: yolov5)")
     flags.add_batch(
         p, None, "images per batch", _fits(16, 128) + ", halved while it does not fit the free memory"
     )
@@ -78,6 +79,7 @@ FLAGS = {
     "modality": "--modality",
     "model": "--model",
     "fusion": "--fusion",
+    "arch": "--arch",
     "input_shape": "--input-shape",
     "unfreeze_batch_size": "--batch",
     "num_workers": "--workers",

@@ -9,11 +9,19 @@ from pathlib import Path
 from fredfusion.commands import flags
 from fredfusion.config import TrainConfig, load_config
 from fredfusion.engine.runtime import pick_device
-from fredfusion.spec import MODALITIES, SIZES, input_hw_for_width
+from fredfusion.spec import ARCHS, MODALITIES, SIZES, input_hw_for_width
 
 
 def demo_config(
-    prepared: Path, out: Path, modality: str, model: str, epochs: int, imgsz: int, device: str, seed: int
+    prepared: Path,
+    out: Path,
+    modality: str,
+    model: str,
+    epochs: int,
+    imgsz: int,
+    device: str,
+    seed: int,
+    arch: str = "yolov5",
 ) -> TrainConfig:
     """The demo's training recipe on ``prepared``: AdamW (``optimizer: auto``) for the short schedule,
     no freeze phase, evaluation every 5 epochs; batch 16 and no loader workers on a CPU."""
@@ -23,6 +31,7 @@ def demo_config(
             "data": str(prepared),
             "modality": modality,
             "model": model,
+            "arch": arch,
             "input_shape": list(input_hw_for_width(imgsz)),
             "freeze_train": False,
             "unfreeze_epoch": epochs,
@@ -72,6 +81,7 @@ def run_demo(
     imgsz: int | None = None,
     seed: int = 0,
     codec: str = "auto",
+    arch: str = "yolov5",
 ) -> dict:
     """Run synth -> prepare -> train -> eval under `out`.
 
@@ -94,8 +104,9 @@ def run_demo(
     prepare(
         fred_root, prepared, split="canonical", imgsz=imgsz, workers=2, seed=seed, progress=False, codec=codec
     )
-    cfg = demo_config(prepared, out, modality, model, epochs, imgsz, device, seed)
-    print(f"[3/4] train: {modality} YOLO-{model}, {epochs} epochs at {imgsz}x{cfg.input_shape[0]}")
+    cfg = demo_config(prepared, out, modality, model, epochs, imgsz, device, seed, arch)
+    family = "" if arch == "yolov5" else f" ({arch})"
+    print(f"[3/4] train: {modality} YOLO-{model}{family}, {epochs} epochs at {imgsz}x{cfg.input_shape[0]}")
     result = train_and_test(cfg, out / "eval")
     metrics = result["test"]
     print(
@@ -121,6 +132,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", choices=tuple(SIZES), default="n", help="model size (default: n)")
     p.add_argument("--codec", default="auto", help="frame store codec, as for prepare (default: auto)")
+    p.add_argument("--arch", choices=ARCHS, default="yolov5", help="detector family (default: yolov5)")
     p.add_argument(
         "--imgsz",
         type=flags.int_at_least(32),
@@ -146,5 +158,6 @@ def run(args: argparse.Namespace) -> int:
         imgsz=args.imgsz,
         seed=args.seed,
         codec=args.codec,
+        arch=args.arch,
     )
     return 0

@@ -179,10 +179,11 @@ def resume_training(
         raise SystemExit(f"--resume: {path} is not a training checkpoint (no {', '.join(missing)})")
     meta = payload.get("meta", {})
     mine = model_meta(unwrap(model))
-    for key in ("modality", "size", "fusion"):
-        if meta.get(key) != mine[key]:
+    saved = {"arch": "yolov5", **meta}  # checkpoints of before the second family are YOLOv5
+    for key in ("arch", "modality", "size", "fusion"):
+        if saved.get(key) != mine[key]:
             raise SystemExit(
-                f"--resume: {path} holds a {key}={meta.get(key)} model, this run asks for {key}={mine[key]}"
+                f"--resume: {path} holds a {key}={saved.get(key)} model, this run asks for {key}={mine[key]}"
             )
     unwrap(model).load_state_dict(payload["model"], strict=True)
     if ema is not None and payload.get("ema"):

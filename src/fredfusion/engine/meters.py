@@ -15,6 +15,9 @@ import torch
 
 from fredfusion.data.loader import DeviceBatch
 
+LOSS_PARTS = ("box", "obj", "cls", "dfl")
+"""The loss terms a step reports: YOLOv5 has no DFL term, the YOLOv8 family no objectness (zeros)."""
+
 
 class EpochMeter:
     """What one epoch of training measured so far (one process; ``world_size`` scales the rates)."""
@@ -26,9 +29,9 @@ class EpochMeter:
         self.world_size = world_size
         self._dual_flag = dual_flag
         self._tdiff = tdiff
-        self.sums = torch.zeros(4, device=device)  # total, box, obj, cls over the good steps
+        self.sums = torch.zeros(1 + len(LOSS_PARTS), device=device)  # total and parts over the good steps
         self.good = torch.zeros((), device=device)  # steps whose loss and gradients were finite
-        self.mean = [math.nan] * 4  # of the good steps, as of the last ``read``
+        self.mean = [math.nan] * (1 + len(LOSS_PARTS))  # of the good steps, as of the last ``read``
         self.dual = self.seen = self.bad_images = self.bad_steps = 0
         self.bad_example: tuple[int, str, str] | None = None
         self.tdiff_sum = 0.0
@@ -43,7 +46,7 @@ class EpochMeter:
         return batch
 
     def add_step(self, values: torch.Tensor, ok: torch.Tensor) -> None:
-        """A step's [loss, box, obj, cls] and finite flag, summed on the device when finite."""
+        """A step's [loss, *LOSS_PARTS] and finite flag, summed on the device when finite."""
         self.sums += torch.where(ok, values, torch.zeros_like(values))
         self.good += ok
 
@@ -65,8 +68,9 @@ class EpochMeter:
     def read(self, guard_counts: torch.Tensor) -> list[float]:
         """The one host sync: update the mean losses; returns ``guard_counts`` as host floats."""
         host = torch.cat([self.sums, self.good.reshape(1), guard_counts.float()]).tolist()
-        self.mean = [v / host[4] if host[4] else math.nan for v in host[:4]]
-        return host[5:]
+        n = len(self.sums)
+        self.mean = [v / host[n] if host[n] else math.nan for v in host[:n]]
+        return host[n + 1 :]
 
     def progress(self, lr: float) -> tuple[str, dict[str, float]]:
         """The progress-bar postfix and the TensorBoard scalars as of the last ``read``."""
@@ -80,9 +84,7 @@ class EpochMeter:
         )
         scalars = {
             "train/loss": mean[0],
-            "train/box": mean[1],
-            "train/obj": mean[2],
-            "train/cls": mean[3],
+            **{f"train/{part}": value for part, value in zip(LOSS_PARTS, mean[1:])},
             "train/lr": lr,
             "speed/pairs_per_s": rate,
             "speed/data_wait": self.wait / elapsed,
@@ -96,9 +98,7 @@ class EpochMeter:
         elapsed = time.perf_counter() - self.t_start
         return {
             "train_loss": self.mean[0],
-            "box_loss": self.mean[1],
-            "obj_loss": self.mean[2],
-            "cls_loss": self.mean[3],
+            **{f"{part}_loss": value for part, value in zip(LOSS_PARTS, self.mean[1:])},
             "lr": lr,
             "pairs_per_s": self.seen * self.world_size / max(elapsed, 1e-9),
             "data_wait": self.wait / max(elapsed, 1e-9),

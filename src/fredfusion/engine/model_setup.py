@@ -86,14 +86,15 @@ def build_run_model(
     path = start_weights_path(cfg, log)
     source = read_weights(path) if path is not None else None
     h, w = int(cfg.input_shape[0]), int(cfg.input_shape[1])
-    model = build_model(
-        cfg.modality, cfg.model, cfg.fusion, num_classes=1, anchors=run_anchors(cfg, train_set, log)
-    )
+    anchors = run_anchors(cfg, train_set, log) if cfg.arch == "yolov5" else None
+    model = build_model(cfg.modality, cfg.model, cfg.fusion, num_classes=1, anchors=anchors, arch=cfg.arch)
     model = with_layout(model, source.layout if source is not None else "v6")
     info = model_info(model, (h, w))
     layout = ", YOLOv5 v5.0 backbone layout (as its weights)" if layout_of(model) == "v5" else ""
+    family = "" if cfg.arch == "yolov5" else f" ({cfg.arch})"
+    fusion = cfg.fusion if cfg.modality == "dual" else "-"
     log(
-        f"model: {cfg.modality} YOLO-{cfg.model} fusion={cfg.fusion if cfg.modality == 'dual' else '-'} "
+        f"model: {cfg.modality} YOLO-{cfg.model}{family} fusion={fusion} "
         f"params {info['params'] / 1e6:.2f}M, {info['gflops']:.1f} GFLOPs at {w}x{h}{layout}"
     )
     if source is None:

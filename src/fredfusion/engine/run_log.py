@@ -20,6 +20,7 @@ CSV_COLUMNS = (
     "box_loss",
     "obj_loss",
     "cls_loss",
+    "dfl_loss",
     "val_loss",
     "mAP50",
     "mAP50_95",

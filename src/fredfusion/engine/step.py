@@ -18,7 +18,7 @@ from fredfusion.engine.ema import ModelEMA, unwrap
 from fredfusion.engine.optim import build_optimizer, prepare_state, scaled_lr
 from fredfusion.engine.runtime import autocast
 from fredfusion.engine.step_guard import StepGuard
-from fredfusion.model.loss import LossConfig, YoloLoss
+from fredfusion.model.build import build_loss
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
@@ -35,14 +35,6 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig:
         hsv_s=cfg.hsv_s,
         hsv_v=cfg.hsv_v,
     )
-
-
-def loss_config(cfg: TrainConfig) -> LossConfig:
-    """Class gain scaled by classes / 80 (YOLOv5). The objectness gain is not shrunk with the input
-    area as YOLOv5 does: with few, tiny drones per frame that slowed learning several-fold (measured
-    on the synthetic sample at 320x192: mAP50 0.50 vs 0.00 after 40 steps of an overfit run)."""
-    base = LossConfig()
-    return LossConfig(cls=base.cls / 80, label_smoothing=cfg.label_smoothing)
 
 
 class TrainStep:
@@ -76,7 +68,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         self.ema = ModelEMA(model) if cfg.ema else None
         self.guard = StepGuard(model, device)
-        self.loss_fn = YoloLoss(model.anchors, model.strides, 1, loss_config(cfg))
+        self.loss_fn = build_loss(model, cfg.label_smoothing)
         self.aug_cfg = augment_config(cfg)
 
     def base_lr(self, batch: int) -> float:
@@ -113,7 +105,7 @@ class TrainStep:
         """One optimisation step on an augmented batch of ``n`` images; ``wrapped`` runs the forward
         pass (the model itself, or it under DDP / torch.compile).
 
-        Returns ([loss per image, box, obj, cls], finite flag), on the device. A step whose loss (or,
+        Returns ([loss per image, box, obj, cls, dfl], finite flag), on the device. A step whose loss (or,
         without a GradScaler, which skips those itself, whose gradients) is not finite on any process is
         a no-op: the StepGuard puts the model's parameters and buffers, the optimizer state, the
         GradScaler's scale and the EMA back as they were before it, bit for bit, without waiting for
@@ -129,7 +121,7 @@ class TrainStep:
         loss, parts = self.loss_fn([p.float() for p in preds], targets)
         self.optimizer.zero_grad(set_to_none=True)
         n = max(n, 1)
-        # YoloLoss returns mean * batch; scaling to the nominal batch (64) gives every batch size the
+        # the losses return mean * batch; scaling to the nominal batch (64) gives every batch size the
         # per-image step of a 64-image batch, so Init_lr * batch / 64 is a plain linear-scaling rule.
         scaler.scale(loss * (cfg.nominal_batch / n)).backward()
         bad = self.update(loss.detach())

@@ -203,7 +203,8 @@ class YoloLoss:
         return out
 
     def __call__(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(loss, parts)``: ``(box + obj + cls) * batch_size`` and detached ``[box, obj, cls]``.
+        """Return ``(loss, parts)``: ``(box + obj + cls) * batch_size`` and detached ``[box, obj, cls, 0]``
+        (the parts of both families: box, objectness, class, DFL).
 
         ``preds`` are the raw maps ``(B, anchors_per_level, ny, nx, 5 + num_classes)`` per level;
         ``targets`` is ``(M, 6)`` ``[image, class, x1, y1, x2, y2]`` in input pixels (M may be 0).
@@ -258,4 +259,5 @@ class YoloLoss:
             tcls = cn + (cp - cn) * (lt.cls[:, None] == class_ids[None]).float()
             lcls = lcls + (_bce(ps[:, 5:], tcls, cfg.focal_gamma).sum(1) * w).sum() / (n * nc)
         lbox, lobj, lcls = lbox * cfg.box, lobj * cfg.obj, lcls * cfg.cls
-        return (lbox + lobj + lcls) * bs, torch.stack([lbox, lobj, lcls]).detach()
+        parts = torch.stack([lbox, lobj, lcls, torch.zeros_like(lbox)]).detach()  # no DFL term
+        return (lbox + lobj + lcls) * bs, parts

@@ -3,10 +3,11 @@ on classes. Written from the published method descriptions (TOOD's task-aligned 
 loss gains box 7.5, cls 0.5, dfl 1.5; the DFL of Generalized Focal Loss).
 
 Assignment, per image and ground-truth box: the candidate cells are those whose centre lies inside the
-box; each candidate scores ``s**alpha * iou**beta`` (``s`` the predicted probability of the box's
-class, ``iou`` of the predicted box with it); the ``topk`` best candidates are positive; a cell claimed
-by several boxes keeps the one it overlaps most. A positive cell's class target is the alignment
-normalised so that each box's best cell gets that box's best IoU.
+box, and (a departure from the published method, for drones smaller than a cell) on each level the
+cell that holds the box's centre; each candidate scores ``s**alpha * iou**beta`` (``s`` the predicted
+probability of the box's class, ``iou`` of the predicted box with it); the ``topk`` best candidates are
+positive; a cell claimed by several boxes keeps the one it overlaps most. A positive cell's class target
+is the alignment normalised so that each box's best cell gets that box's best IoU.
 
 Everything has static shapes and no host synchronisation: targets come as the augmentation's fixed
 ``(M, 6)`` rows (invalid rows with a negative class are never positive) and are scattered into a
@@ -80,18 +81,26 @@ def task_aligned_assign(
     gt_box: torch.Tensor,
     gt_ok: torch.Tensor,
     cfg: V8LossConfig,
+    strides: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Targets of every cell: class scores ``(B, A, nc)``, boxes ``(B, A, 4)`` xyxy and positives ``(B, A)``.
 
     ``scores`` ``(B, A, nc)`` are predicted probabilities, ``boxes`` ``(B, A, 4)`` predicted xyxy, ``points``
-    ``(A, 2)`` cell centres, all in input pixels; ``gt_*`` from :func:`_gt_table`.
+    ``(A, 2)`` cell centres, all in input pixels; ``gt_*`` from :func:`_gt_table`. With ``strides``
+    ``(A, 1)`` (cell sizes), the cell of each level that holds a box's centre is a candidate too, so a
+    box smaller than a cell (a far drone) is never left without one.
     """
     b, a, nc = scores.shape
     k = gt_cls.shape[1]
     inside = torch.cat(
         (points[None, None] - gt_box[:, :, None, :2], gt_box[:, :, None, 2:] - points[None, None]), -1
     )
-    candidate = (inside.amin(-1) > _EPS) & gt_ok[:, :, None]  # (B, k, A)
+    candidate = inside.amin(-1) > _EPS  # (B, k, A)
+    if strides is not None:
+        centre = (gt_box[..., :2] + gt_box[..., 2:]) / 2  # (B, k, 2)
+        offset = (centre[:, :, None, :] - points[None, None]).abs()  # (B, k, A, 2)
+        candidate = candidate | (offset < strides[None, None] / 2).all(-1)
+    candidate = candidate & gt_ok[:, :, None]
     cls_index = gt_cls.clamp(0, nc - 1)[:, :, None].expand(b, k, a)
     s = scores.transpose(1, 2).gather(1, cls_index)  # (B, k, A)
     iou = _iou_xyxy(gt_box[:, :, None, :], boxes[:, None, :, :]).clamp(min=0) * candidate
@@ -139,7 +148,8 @@ class V8Loss:
         self.bins = torch.arange(REG_MAX, dtype=torch.float32)
 
     def __call__(self, preds: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, parts)``: ``(box + cls + dfl) * batch_size`` and detached ``[box, cls, dfl]``."""
+        """``(loss, parts)``: ``(box + cls + dfl) * batch_size`` and detached ``[box, 0, cls, dfl]`` (the
+        parts of both families: box, objectness, class, DFL)."""
         device = preds[0].device
         autocast_off = (
             torch.autocast(device_type=device.type, enabled=False)
@@ -160,7 +170,7 @@ class V8Loss:
         box_px = box_grid * stride
         gt_cls, gt_box, gt_ok = _gt_table(targets, batch, cfg.max_boxes)
         target_scores, target_box, fg = task_aligned_assign(
-            logits.detach().sigmoid(), box_px.detach(), points * stride, gt_cls, gt_box, gt_ok, cfg
+            logits.detach().sigmoid(), box_px.detach(), points * stride, gt_cls, gt_box, gt_ok, cfg, stride
         )
         if cfg.label_smoothing:
             target_scores = (
@@ -173,4 +183,5 @@ class V8Loss:
         lbox = ((1.0 - iou) * weight).sum() / total
         ldfl = (_dfl(bins, grid_points, target_box / stride) * weight).sum() / total
         lbox, lcls, ldfl = lbox * cfg.box, lcls * cfg.cls, ldfl * cfg.dfl
-        return (lbox + lcls + ldfl) * batch, torch.stack([lbox, lcls, ldfl]).detach()
+        parts = torch.stack([lbox, torch.zeros_like(lbox), lcls, ldfl]).detach()  # no objectness term
+        return (lbox + lcls + ldfl) * batch, parts

@@ -48,15 +48,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def model_meta(model: torch.nn.Module) -> dict[str, Any]:
-    """What it takes to rebuild the network: modality, size, fusion, classes, anchors (and the backbone
-    layout when it is the old tool's v5.0 one)."""
+    """What it takes to rebuild the network: family, modality, size, fusion, classes, anchors (YOLOv5
+    family) and the backbone layout when it is the old tool's v5.0 one."""
     meta = {
+        "arch": getattr(model, "arch", "yolov5"),
         "modality": model.modality,
         "size": model.size,
         "fusion": model.fusion,
         "num_classes": model.num_classes,
-        "anchors": model.anchors.detach().cpu().tolist(),
     }
+    if getattr(model, "anchors", None) is not None:
+        meta["anchors"] = model.anchors.detach().cpu().tolist()
     if layout_of(model) != "v6":
         meta["layout"] = layout_of(model)
     return meta
@@ -227,7 +229,7 @@ def input_hw_of(payload: dict[str, Any], given: Any = None, source: str = "check
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model stored in a fredfusion checkpoint (best.pth, last.pth, epNNN.pth)."""
-    from fredfusion.model.detector import build_model
+    from fredfusion.model.build import build_model
 
     payload = load_checkpoint(path)
     meta = payload.get("meta")
@@ -236,12 +238,14 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[torch.nn
             f"{path}: no model description ('meta'); not a fredfusion checkpoint (weights of the old tool or "
             f"a YOLOv5 state dict: `fredfusion convert --weights {path} --out OUT.pth` makes one)"
         )
+    anchors = meta.get("anchors")
     model = build_model(
         meta["modality"],
         meta["size"],
         meta["fusion"],
         num_classes=int(meta["num_classes"]),
-        anchors=torch.tensor(meta["anchors"], dtype=torch.float32),
+        anchors=torch.tensor(anchors, dtype=torch.float32) if anchors is not None else None,
+        arch=str(meta.get("arch", "yolov5")),
     )
     model = with_layout(model, meta.get("layout", "v6"))
     try:
