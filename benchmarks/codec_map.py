@@ -2,8 +2,9 @@
 
 One synthetic sample (the demo's: 10 sequences x 60 frames, seed 0) is prepared once per codec at the
 demo's store size; the demo's recipe then trains with each training seed on each store and its
-best.pth is evaluated on the test split. The table gives test mAP50 and mAP50:95 per codec and seed,
-with the mean and the spread (max - min) over the seeds.
+best.pth is evaluated on the test split. The table gives test mAP50, mAP50:95 and APs (COCO small:
+boxes under 32x32 px) per codec and seed, with the mean and the spread (max - min) over the seeds.
+``--arch yolov8`` trains the anchor-free family instead (the comparison of the two families).
 
     python benchmarks/codec_map.py [--codecs raw auto] [--seeds 0 1 2] [--out runs/codec_map]
 """
@@ -50,22 +51,24 @@ def main() -> None:
                 prepared, run, "dual", "n", args.epochs, args.imgsz, args.device, seed, args.arch
             )
             metrics = train_and_test(cfg, run / "eval")["test"]
-            rows[codec][seed] = {"mAP50": float(metrics["mAP50"]), "mAP50_95": float(metrics["mAP50_95"])}
+            rows[codec][seed] = {k: float(metrics[k]) for k in ("mAP50", "mAP50_95", "APs")}
             print(f"{codec} seed {seed}: {rows[codec][seed]}", flush=True)
         rows[codec]["bytes_per_image"] = size  # type: ignore[index]
-    print("| codec | bytes/image | seed | test mAP50 | test mAP50:95 |")
-    print("|---|---:|---|---:|---:|")
+    print(f"| codec ({args.arch}) | bytes/image | seed | test mAP50 | test mAP50:95 | APs |")
+    print("|---|---:|---|---:|---:|---:|")
     for codec, by_seed in rows.items():
         size = by_seed.pop("bytes_per_image")  # type: ignore[call-overload]
         for seed, m in by_seed.items():
-            print(f"| {codec} | {size:,.0f} | {seed} | {m['mAP50']:.4f} | {m['mAP50_95']:.4f} |")
-        for key in ("mAP50", "mAP50_95"):
+            print(
+                f"| {codec} | {size:,.0f} | {seed} | {m['mAP50']:.4f} | {m['mAP50_95']:.4f} | {m['APs']:.4f} |"
+            )
+        for key in ("mAP50", "mAP50_95", "APs"):
             values = np.array([m[key] for m in by_seed.values()])
             print(
                 f"| {codec} | | mean {key} | {values.mean():.4f} | spread {values.max() - values.min():.4f} |"
             )
         by_seed["bytes_per_image"] = size  # type: ignore[index]
-    (args.out / "codec_map.json").write_text(json.dumps(rows, indent=1))
+    (args.out / f"codec_map_{args.arch}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
