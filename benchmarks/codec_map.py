@@ -59,9 +59,8 @@ def main() -> None:
     for codec, by_seed in rows.items():
         size = by_seed.pop("bytes_per_image")  # type: ignore[call-overload]
         for seed, m in by_seed.items():
-            print(
-                f"| {codec} | {size:,.0f} | {seed} | {m['mAP50']:.4f} | {m['mAP50_95']:.4f} | {m['APs']:.4f} |"
-            )
+            values = " | ".join(f"{m[k]:.4f}" for k in ("mAP50", "mAP50_95", "APs"))
+            print(f"| {codec} | {size:,.0f} | {seed} | {values} |")
         for key in ("mAP50", "mAP50_95", "APs"):
             values = np.array([m[key] for m in by_seed.values()])
             print(
