@@ -189,6 +189,7 @@ def train_fredfusion(
     out: Path,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    arch: str = "yolov8",
 ) -> dict[str, Any]:
     """Train fredfusion with its Trainer on the true pairs; training images/s and val mAP50."""
     import csv
@@ -202,6 +203,7 @@ def train_fredfusion(
             "data": str(prepared),
             "modality": modality,
             "model": model,
+            "arch": arch,
             "pairs": "dual",
             "input_shape": list(input_hw),
             "freeze_train": False,
@@ -227,7 +229,7 @@ def train_fredfusion(
     per_epoch = (n // batch) * batch if n >= batch else n
     return {
         "tool": "fredfusion",
-        "model": f"{modality} YOLO-{model}",
+        "model": f"{modality} YOLO-{model} ({arch})",
         "input_hw": list(input_hw),
         "epochs": epochs,
         "train_images_per_epoch": per_epoch,
@@ -421,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", type=Path, default=None, help="prepared folder (default: synthesise one)")
     ap.add_argument("--out", type=Path, default=Path("runs/side_by_side"))
     ap.add_argument("--model", choices=("n", "s", "m", "l", "x"), default="s")
+    ap.add_argument(
+        "--arch",
+        choices=("yolov5", "yolov8"),
+        default="yolov8",
+        help="fredfusion's family (default yolov8: the same network as Ultralytics' YOLOv8)",
+    )
     ap.add_argument("--modalities", nargs="+", choices=("dual", "rgb", "event"), default=["dual", "rgb"])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
@@ -516,6 +524,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 args.workers,
                 out / "fredfusion",
                 seed=args.seed,
+                arch=args.arch,
             )
             _write_report(out, report)  # a partial report survives a run that is stopped later
         if not args.skip_ultralytics:

@@ -278,7 +278,7 @@ def test_side_by_side_ci_fredfusion(sbs: ModuleType, tiny_prepared: Path, tmp_pa
     report = sbs.main(["--data", str(tiny_prepared), "--ci", "--skip-ultralytics", "--out", str(out)])
     assert json.loads((out / "side_by_side.json").read_text())["runs"] == report["runs"]
     run = report["runs"]["fredfusion dual n"]
-    assert run["input_hw"] == [32, 64]
+    assert run["input_hw"] == [32, 64] and run["model"] == "dual YOLO-n (yolov8)"
     assert run["train_images_per_epoch"] == 48  # 48 true pairs in train, batch 4
     assert len(run["epoch_images_per_s"]) == 1 and run["images_per_s"] > 0
     # its mAP50 is the val mAP50 of the model it trained (best.pth of its one epoch), evaluated again
