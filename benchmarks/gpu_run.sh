@@ -82,7 +82,7 @@ step demo 260 $FF demo --out "$D/demo" --device "$DEV" "${DEMO[@]}"
 wait $BG
 
 # Phase B: the GPU path alone.
-step cuda_tests 60 python3 -m pytest -q -p no:cacheprovider tests/data/test_augment.py -k cuda
+TAIL=20 step cuda_tests 120 python3 -m pytest -q -rfE -p no:cacheprovider tests/reliability/test_cuda.py tests/data/test_augment.py -k "cuda or device or mixed or sync or resume"
 # the data-scale figures: codecs (GPU decode rates), prepare on the GPU at FRED's frame counts, random
 # reads of the compressed store through the loader, extrapolation to all of FRED
 TAIL=40 step codecs 60 python3 benchmarks/bench_codecs.py --frames "$CODEC_FRAMES" --out "$W/codecs.json"

@@ -122,6 +122,10 @@ def install(fault: str, n: int) -> None:
 
 
 def _threads_and_curves() -> None:
+    import torch
+
+    torch.backends.cudnn.deterministic = True  # the CUDA resume test compares runs bit for bit
+    torch.backends.cudnn.benchmark = False
     threads = os.environ.get("FREDFUSION_TEST_THREADS")
     if threads:
         import torch

@@ -1,0 +1,143 @@
+"""The CUDA path: loader batches on the device, mixed-precision training, a step without host syncs,
+kill -9 + --resume exact. Skipped without a GPU; ``benchmarks/gpu_run.sh`` runs it on one.
+
+``FREDFUSION_TEST_DEVICE=cpu`` runs the parts that make sense on a CPU (to check the tests themselves).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fredfusion.cli import main
+from fredfusion.config import load_config
+from fredfusion.data.dataset import PreparedDataset
+from fredfusion.data.loader import BatchLoader
+from fredfusion.engine.trainer import Trainer
+from fredfusion.model.weights import load_checkpoint
+
+DEVICE = os.environ.get("FREDFUSION_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(
+    DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA GPU"
+)
+CUDA = DEVICE.startswith("cuda")
+
+TINY = {
+    "model": "n",
+    "input_shape": [64, 128],
+    "freeze_train": False,
+    "unfreeze_batch_size": 8,
+    "num_workers": 0,
+    "persistent_workers": False,
+    "eval_period": 1,
+    "warmup_epochs": 0.5,
+    "log_interval": 1,
+    "save_period": 0,
+    "precise_bn": 8,
+    "eval_batch_size": 16,
+    "device": DEVICE,
+    "seed": 0,
+}
+
+
+def _deterministic() -> None:
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+@pytest.mark.parametrize("decode", ["workers", "auto"])
+def test_loader_batches_on_the_device_equal_the_cpu_loader(small_sample: Any, decode: str) -> None:
+    """Frames decoded by the workers arrive bit-identical; JPEG frames decoded on the GPU (nvJPEG) differ
+    from libjpeg-turbo's by rounding only. Ids, targets and bad-image masks are the same."""
+    ds = PreparedDataset(small_sample.prepared, "train", modality="dual", skip_bad=True)
+    cpu = list(BatchLoader(ds, 4, drop_last=False, seed=3, device="cpu", decode="workers"))
+    dev = list(BatchLoader(ds, 4, drop_last=False, seed=3, device=DEVICE, decode=decode))
+    assert len(cpu) == len(dev)
+    for a, b in zip(cpu, dev):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.bad, b.bad)
+        assert torch.equal(a.targets, b.targets.cpu())
+        assert torch.equal(a.event, b.event.cpu())
+        diff = (a.rgb.int() - b.rgb.cpu().int()).abs()
+        if decode == "workers":
+            assert diff.max() == 0
+        else:
+            assert diff.float().mean() < 0.5 and diff.max() <= 16, (diff.float().mean(), diff.max())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fit_in_mixed_precision(
+    small_sample: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    """A short run trains in bf16 (no GradScaler) and in fp16 (GradScaler on) and ends with finite losses."""
+    if not CUDA:
+        pytest.skip("mixed precision runs on CUDA only")
+    if precision == "fp16":
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    cfg = load_config(overrides={**TINY, "data": str(small_sample.prepared), "save_dir": str(tmp_path)})
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    assert trainer.amp_dtype == (torch.bfloat16 if precision == "bf16" else torch.float16)
+    assert trainer.step.scaler.is_enabled() == (precision == "fp16")
+    assert torch.isfinite(torch.tensor(summary["train_loss"])) and summary["bad_steps"] == 0
+
+
+def test_the_training_step_makes_no_host_sync(small_sample: Any) -> None:
+    """Augmentation, forward, loss, backward, clipping, optimizer, EMA and the NaN guard of one step run
+    under torch.cuda.set_sync_debug_mode("error"): any host synchronisation raises."""
+    if not CUDA:
+        pytest.skip("the sync debug mode is a CUDA feature")
+    from fredfusion.engine.runtime import amp_dtype_for
+    from fredfusion.engine.step import TrainStep
+    from fredfusion.model import build_model
+
+    device = torch.device(DEVICE)
+    cfg = load_config(overrides={**TINY, "data": str(small_sample.prepared)})
+    ds = PreparedDataset(small_sample.prepared, "train", modality="dual")
+    batch = next(iter(BatchLoader(ds, 8, seed=0, device=device)))
+    for arch in ("yolov5", "yolov8"):
+        model = build_model("dual", "n", arch=arch).to(device).to(memory_format=torch.channels_last)
+        step = TrainStep(
+            cfg, model, 8, device=device, amp_dtype=amp_dtype_for(device), optimizer_choice=("adamw", 2e-3)
+        )
+        generator = torch.Generator(device=device).manual_seed(0)
+        step.run(model, batch, True, generator)  # first step: lazy state is created here
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                values, ok = step.run(model, batch, True, generator)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert bool(ok) and torch.isfinite(values).all(), arch
+
+
+def _train_args(data: Path, save_dir: Path, resume: bool = False) -> list[str]:
+    args = ["train", "--data", str(data), "--save_dir", str(save_dir), "--exist_ok", "true"]
+    for key, value in TINY.items():
+        args += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    args += ["--unfreeze_epoch", "3"]
+    return [*args, "--resume"] if resume else args
+
+
+@pytest.mark.reliability
+def test_kill_and_resume_is_exact_on_the_device(
+    small_sample: Any, tmp_path: Path, run_child: Any, one_thread: None
+) -> None:
+    """Killed mid-epoch 2 (SIGKILL) and resumed: the final model, EMA and optimizer state equal an
+    uninterrupted run's bit for bit, CUDA RNG state included (cuDNN in deterministic mode)."""
+    from reliability.test_kill_train import _assert_same_state, _steps_per_epoch
+
+    _deterministic()
+    data = small_sample.prepared
+    assert main(_train_args(data, tmp_path / "straight")) == 0
+    proc = run_child("train-step", _steps_per_epoch(data) + 2, _train_args(data, tmp_path / "killed"))
+    assert proc.returncode == -signal.SIGKILL, proc.output[-3000:]
+    assert main(_train_args(data, tmp_path / "killed", resume=True)) == 0
+    got = load_checkpoint(tmp_path / "killed" / "dual" / "last.pth")
+    want = load_checkpoint(tmp_path / "straight" / "dual" / "last.pth")
+    _assert_same_state(got, want, "resumed on the device")
