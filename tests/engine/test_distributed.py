@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fredfusion.model.weights import load_checkpoint
+from shared import same_bits
 
 CHILD = Path(__file__).with_name("ddp_child.py")
 BATCH = 4  # per process
@@ -84,18 +85,6 @@ def _state(run: Path) -> dict[str, object]:
     return flat
 
 
-def _same(a: object, b: object) -> bool:
-    """Equal bit for bit (tensors: dtype, shape and every bit)."""
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        return type(a) is type(b) and a == b
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        a, b = a.contiguous().view(ints), b.contiguous().view(ints)
-    return torch.equal(a, b)
-
-
 def test_two_processes_equal_one_at_twice_the_batch_and_resume_exactly(
     tiny_prepared: Path, tmp_path: Path
 ) -> None:
@@ -144,7 +133,7 @@ def test_two_processes_equal_one_at_twice_the_batch_and_resume_exactly(
     assert "continuing at epoch 2" in proc.stdout
     resumed, straight = (_state(tmp_path / name / "dual") for name in ("resumed", "two"))
     assert resumed.keys() == straight.keys()
-    differ = [k for k, v in straight.items() if not _same(resumed[k], v)]
+    differ = [k for k, v in straight.items() if not same_bits(resumed[k], v)]
     assert not differ, f"{len(differ)} of {len(straight)} values differ after --resume, e.g. {differ[:5]}"
     for rank in (0, 1):  # the resumed processes read the second epoch's images of the uninterrupted run
         assert _steps(tmp_path / "ids_resume", rank) == [

@@ -14,22 +14,9 @@ from fredfusion.config import load_config
 from fredfusion.engine.trainer import Trainer
 from fredfusion.model.anchors import default_anchors
 from fredfusion.model.weights import load_checkpoint, load_model
+from shared import TINY_TRAIN
 
-TINY = {
-    "model": "n",
-    "input_shape": [64, 128],
-    "freeze_train": False,
-    "unfreeze_batch_size": 8,
-    "freeze_batch_size": 8,
-    "num_workers": 0,
-    "persistent_workers": False,
-    "eval_period": 1,
-    "warmup_epochs": 0.5,
-    "log_interval": 2,
-    "save_period": 0,
-    "precise_bn": 16,
-    "eval_batch_size": 16,
-}
+TINY = TINY_TRAIN
 
 
 def _cfg(data: Path, run: Path, **extra) -> object:

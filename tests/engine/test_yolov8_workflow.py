@@ -13,23 +13,9 @@ from fredfusion.config import load_config
 from fredfusion.engine.trainer import Trainer
 from fredfusion.model.weights import load_checkpoint, load_model
 from fredfusion.model.yolov8 import FusionYOLOv8
+from shared import TINY_TRAIN
 
-TINY = {
-    "model": "n",
-    "arch": "yolov8",
-    "input_shape": [64, 128],
-    "freeze_train": False,
-    "unfreeze_batch_size": 8,
-    "num_workers": 0,
-    "persistent_workers": False,
-    "eval_period": 1,
-    "warmup_epochs": 0.5,
-    "log_interval": 2,
-    "save_period": 0,
-    "precise_bn": 16,
-    "eval_batch_size": 16,
-    "unfreeze_epoch": 1,
-}
+TINY = {**TINY_TRAIN, "arch": "yolov8", "unfreeze_epoch": 1}
 
 
 @pytest.fixture(scope="module")

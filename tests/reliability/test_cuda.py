@@ -20,6 +20,7 @@ from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import BatchLoader
 from fredfusion.engine.trainer import Trainer
 from fredfusion.model.weights import load_checkpoint
+from shared import TINY_TRAIN
 
 DEVICE = os.environ.get("FREDFUSION_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(
@@ -27,22 +28,7 @@ pytestmark = pytest.mark.skipif(
 )
 CUDA = DEVICE.startswith("cuda")
 
-TINY = {
-    "model": "n",
-    "input_shape": [64, 128],
-    "freeze_train": False,
-    "unfreeze_batch_size": 8,
-    "num_workers": 0,
-    "persistent_workers": False,
-    "eval_period": 1,
-    "warmup_epochs": 0.5,
-    "log_interval": 1,
-    "save_period": 0,
-    "precise_bn": 8,
-    "eval_batch_size": 16,
-    "device": DEVICE,
-    "seed": 0,
-}
+TINY = {**TINY_TRAIN, "log_interval": 1, "precise_bn": 8, "device": DEVICE, "seed": 0}
 
 
 def _deterministic() -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from fredfusion.cli import main
 from fredfusion.model.weights import load_checkpoint
+from shared import same_bits
 
 EPOCHS = 3
 BATCH = 8
@@ -49,25 +49,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal bit for bit (tensors: dtype, shape and every bit, NaN and signed zeros included)."""
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        return type(a) is type(b) and a == b
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        a, b = a.contiguous().view(ints), b.contiguous().view(ints)
-    return torch.equal(a, b)
-
-
 def _assert_same_state(got: dict[str, Any], want: dict[str, Any], what: str) -> int:
     """model, ema, ema_updates, optimizer and RNG state of two checkpoints are equal bit for bit; returns the
     number of values compared."""
     keys = ("model", "ema", "ema_updates", "optimizer", "rng")
     a, b = _flat({k: got[k] for k in keys}), _flat({k: want[k] for k in keys})
     assert a.keys() == b.keys(), f"{what}: {sorted(a.keys() ^ b.keys())[:5]}"
-    differ = [k for k in b if not _same(a[k], b[k])]
+    differ = [k for k in b if not same_bits(a[k], b[k])]
     assert not differ, f"{what}: {len(differ)} of {len(b)} values differ, e.g. {differ[:5]}"
     return len(b)
 
@@ -82,7 +70,7 @@ def _check_run_folder(run: Path, reference: Path, stage: str, last_epoch: int) -
         want = load_checkpoint(reference / f"ep{got['epoch']:03d}.pth")
         if name == "best.pth":  # the evaluated weights: EMA of that epoch
             assert got["model"].keys() == want["ema"].keys(), f"{stage}: {name}"
-            differ = [k for k, v in want["ema"].items() if not _same(got["model"][k], v)]
+            differ = [k for k, v in want["ema"].items() if not same_bits(got["model"][k], v)]
             assert not differ, f"{stage}: {name}: {differ[:5]}"
         else:
             _assert_same_state(got, want, f"{stage}: {name}")
