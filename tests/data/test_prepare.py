@@ -299,3 +299,25 @@ def test_prepare_excludes_unreadable_frame(tmp_path: Path) -> None:
     assert [(Path(p).name, r) for _, p, r in summary.bad_frames] == [
         (frame.name, "unreadable (Permission denied)")
     ]
+
+
+def test_prepare_carries_conditions(tree: Path, tmp_path: Path) -> None:
+    from fredfusion.data.conditions import write_conditions
+
+    write_conditions(tree / "0", ["night", "small"], scenario="night+small")  # side file: wins
+    (tree / "1" / "conditions.json").write_text("{broken")  # a problem; no condition
+    split_file = tmp_path / "split.txt"
+    split_file.write_text("0 train\n1 val\n8 test\n")
+    out = tmp_path / "out"
+    lines: list[str] = []
+    summary = prepare(tree, out, split=str(split_file), imgsz=32, progress=False, log=lines.append)
+    expected = {0: ["night", "small"], 1: [], 8: ["canonical"]}  # 8: FRED's canonical test list
+    assert {r["sequence"]: r["conditions"] for r in summary.sequences} == expected
+    saved = json.loads((out / "prepare_summary.json").read_text())
+    assert {r["sequence"]: r["conditions"] for r in saved["sequences"]} == expected
+    for split in ("train", "val", "test"):
+        images = load_coco(out / "annotations" / f"instances_{split}.json")["images"]
+        assert images and all(im["conditions"] == expected[im["sequence_id"]] for im in images)
+    text = "\n".join(lines)
+    assert "conditions (sequences): night 1, small 1, canonical 1" in text
+    assert "1/conditions.json: not a JSON file" in text and "sequence 1 gets no condition" in text

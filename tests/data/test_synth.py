@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from fredfusion.data.conditions import CONDITION_ORDER, read_conditions
 from fredfusion.data.synth import (
     CANONICAL_TEST_IDS,
     DRONE_MODELS,
@@ -118,7 +120,7 @@ def test_flat_layout_names_and_annotations(tmp_path: Path) -> None:
     for seq_info in info.sequences:
         seq = tmp_path / str(seq_info.sequence_id)
         assert seq_info.path == seq and seq_info.split is None
-        assert sorted(p.name for p in seq.iterdir()) == ["Event", "RGB", "coordinates.txt"]
+        assert sorted(p.name for p in seq.iterdir()) == ["Event", "RGB", "conditions.json", "coordinates.txt"]
         assert [p.name for p in (seq / "Event").iterdir()] == ["Frames"]
         rgb = rgb_times_us(seq)
         assert len(rgb) == 8
@@ -312,6 +314,16 @@ def test_every_scenario_at_tiny_size(tmp_path: Path) -> None:
         info = write_sequence(tmp_path / str(i), i, f"{prim}+edge+small", frames=4, width=64, height=36)
         assert info.rgb_frames == 4 and len(list((tmp_path / str(i) / "RGB").iterdir())) == 4
         read_boxes(tmp_path / str(i))
+
+
+def test_scenarios_written_as_conditions(tmp_path: Path) -> None:
+    info = write_sample(tmp_path, sequences=6, frames=2, width=32, height=18, seed=2, layout="official")
+    for seq in info.sequences:
+        # each sequence's side file holds its scenario's parts: "night+small" -> night, small
+        assert read_conditions(seq.path) == list(seq.conditions) == seq.scenario.split("+")
+        assert json.loads((seq.path / "conditions.json").read_text())["scenario"] == seq.scenario
+    assert {c for s in info.sequences for c in s.conditions} == set(scenario_names())
+    assert set(scenario_names()) <= set(CONDITION_ORDER)  # every scenario has its place in the tables
 
 
 # -- determinism and rewriting ------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,14 @@ _REQUIRED_KEYS = ("images", "annotations", "categories")
 _NAME_KEYS = ("file_name", "rgb_file_name", "event_file_name")  # relative to info.fred_root
 
 
-def _coco_images(images: Sequence[PairedImage], width: int, height: int) -> list[dict[str, Any]]:
-    """The ``images`` entries; ValueError for an image without an id or an id used twice."""
+def _coco_images(
+    images: Sequence[PairedImage],
+    width: int,
+    height: int,
+    conditions: Mapping[int, Sequence[str]] | None = None,
+) -> list[dict[str, Any]]:
+    """The ``images`` entries (with ``conditions`` of their sequence when given); ValueError for an
+    image without an id or an id used twice."""
     coco_images: list[dict[str, Any]] = []
     ids: list[int] = []
     for img in images:
@@ -61,6 +67,8 @@ def _coco_images(images: Sequence[PairedImage], width: int, height: int) -> list
         im["time_s"] = t
         if im["time_diff_ms"] is not None:
             im["time_diff_ms"] = dt
+        if conditions is not None:
+            im["conditions"] = [str(c) for c in conditions.get(im["sequence_id"], ())]
     return coco_images
 
 
@@ -98,6 +106,7 @@ def build_coco(
     info: dict[str, Any],
     frame_size: tuple[int, int] = (FRAME_WIDTH, FRAME_HEIGHT),
     ann_id_start: int = 1,
+    conditions: Mapping[int, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Build a COCO dict for one split.
 
@@ -105,9 +114,11 @@ def build_coco(
     original frame size ``frame_size``; ``file_name`` is the RGB file name when there is one,
     else the event file name (both relative to the FRED root, also given separately).
     Annotation ids count up from ``ann_id_start``. ``info`` is copied into the ``info`` entry
-    together with ``split``.
+    together with ``split``. ``conditions`` (sequence id -> condition names, see ``data.conditions``)
+    gives every image a ``conditions`` list (empty for a sequence it does not name); without it the
+    images have no such key.
     """
-    coco_images = _coco_images(images, int(frame_size[0]), int(frame_size[1]))
+    coco_images = _coco_images(images, int(frame_size[0]), int(frame_size[1]), conditions)
     return {
         "info": {**info, "split": split_name},
         "images": coco_images,

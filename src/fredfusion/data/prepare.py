@@ -1,9 +1,10 @@
 """The ``fredfusion prepare`` pipeline: FRED tree -> COCO files + frame store + summary.
 
 Steps: scan and index every sequence, pair RGB with event frames, split by sequence, assign
-image ids unique over all splits, build the frame store, drop images with bad frames, write
-``annotations/instances_{train,val,test}.json`` and ``prepare_summary.json``, and print the
-pairing table. Bad data (unreadable frames, malformed annotation lines, odd file names) is
+image ids unique over all splits, build the frame store, drop images with bad frames, read each
+sequence's conditions (``data.conditions``), write ``annotations/instances_{train,val,test}.json``
+(conditions per image) and ``prepare_summary.json``, and print the pairing table. Bad data
+(unreadable frames, malformed annotation lines, odd file names, unusable ``conditions.json``) is
 reported, never fatal; only an unusable root (missing, no sequences, zipped sequences) raises.
 """
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from fredfusion import __version__
 from fredfusion.data.coco import build_coco, write_coco
+from fredfusion.data.conditions import sequence_conditions, sort_conditions
 from fredfusion.data.fred import (
     EVENT_DIR,
     FRAME_HEIGHT,
@@ -184,7 +186,22 @@ def _sequence_row(seq: SequenceIndex, paired: PairedSequence, split: str) -> dic
         "unmatched_boxes": paired.unmatched_boxes,
         "images": len(paired.images),
         "excluded_bad": 0,
+        "conditions": [],
     }
+
+
+def _add_conditions(
+    rows: dict[int, dict[str, Any]], scan: FredScan, problems: list[str], log: Callable[[str], None]
+) -> None:
+    """Each row's ``conditions`` (``data.conditions``: the side file, else FRED's official lists) and
+    one line with the sequences per condition."""
+    counts: Counter[str] = Counter()
+    for seq_id, row in rows.items():
+        row["conditions"] = sequence_conditions(scan.sequences[seq_id], seq_id, problems)
+        counts.update(row["conditions"])
+    if counts:
+        per = ", ".join(f"{name} {counts[name]}" for name in sort_conditions(counts))
+        log(f"conditions (sequences): {per}")
 
 
 _COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -399,8 +416,9 @@ def _write_annotations(
     info: dict[str, Any],
     frame_size: tuple[int, int],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Path]]:
-    """Write one COCO file per split without the images in ``bad_ids`` (counted in ``rows``);
-    annotation ids run on over the splits. Returns the per-split totals and the files."""
+    """Write one COCO file per split without the images in ``bad_ids`` (counted in ``rows``), each
+    image with its sequence's conditions (from ``rows``); annotation ids run on over the splits.
+    Returns the per-split totals and the files."""
     split_totals: dict[str, dict[str, Any]] = {}
     annotation_files: dict[str, Path] = {}
     ann_id = 1
@@ -410,7 +428,10 @@ def _write_annotations(
             kept = [img for img in paired.images if img.image_id not in bad_ids]
             rows[seq.seq_id]["excluded_bad"] = len(paired.images) - len(kept)
             images.extend(kept)
-        coco = build_coco(images, name, info, frame_size=frame_size, ann_id_start=ann_id)
+        conditions = {seq.seq_id: rows[seq.seq_id]["conditions"] for seq, _ in by_split[name]}
+        coco = build_coco(
+            images, name, info, frame_size=frame_size, ann_id_start=ann_id, conditions=conditions
+        )
         ann_id += len(coco["annotations"])
         path = ann_dir / f"instances_{name}.json"
         write_coco(path, coco)
@@ -508,6 +529,7 @@ def prepare(
     report = _frame_store(out / "store", records, (store_w, store_h), options, progress, log)
 
     rows = {seq.seq_id: _sequence_row(seq, paired, plan.assignment[seq.seq_id]) for seq, paired in indexed}
+    _add_conditions(rows, scan, problems, log)
     settings = {
         "split_scheme": split,
         "stride": stride,

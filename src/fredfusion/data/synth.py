@@ -5,13 +5,15 @@ The sample is written in the exact on-disk layout of FRED (see ``FRED_FORMAT.md`
     <seq>/RGB/Video_<id>_<HH>_<MM>_<SS.ffffff>.jpg
     <seq>/Event/Frames/Video_<id>_frame_<t_us>.png
     <seq>/coordinates.txt           "time: x1, y1, x2, y2, id, class"
+    <seq>/conditions.json           side file, not FRED's: the sequence's scenario and its conditions
 
 One scene is simulated per sequence on the event clock (one step per 33333 us). Event frames are
 thresholded log-brightness changes between consecutive simulated steps (plus hot pixels and
 background activity); RGB frames are snapshots of the same scene at the step nearest to their
 wall-clock time, seen through a camera model (exposure, sensor noise, JPEG). Each sequence follows a
 scenario (day, night, hover, clutter, noise, multi, optionally with edge and/or small) chosen so that
-each modality fails somewhere.
+each modality fails somewhere. The scenario's parts are the sequence's conditions
+(``data.conditions``), which ``eval`` reports AP by.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from fredfusion.data.conditions import write_conditions
 
 __all__ = [
     "CANONICAL_TEST_IDS",
@@ -99,6 +103,11 @@ class SequenceInfo:
     rgb_frames: int
     event_frames: int
     boxes: int
+
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        """The scenario's parts (``night+small`` -> night, small), as written to ``conditions.json``."""
+        return tuple(self.scenario.split("+"))
 
 
 @dataclass(frozen=True)
@@ -263,7 +272,8 @@ def write_sequence(
     height: int = 720,
     seed: int = 0,
 ) -> SequenceInfo:
-    """Write one synthetic FRED sequence folder ``seq_dir`` for a scenario such as ``"night+edge"``."""
+    """Write one synthetic FRED sequence folder ``seq_dir`` for a scenario such as ``"night+edge"``
+    (its parts are written to ``seq_dir/conditions.json``)."""
     flags = _parse_scenario(scenario)
     _check_seed(seed)
     _check_dims(frames, width, height)
@@ -296,6 +306,7 @@ def write_sequence(
             _write_image(rgb_dir / name, sim.camera(scene), png=False)
         prev_gray = gray
     (seq_dir / "coordinates.txt").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    write_conditions(seq_dir, scenario.split("+"), scenario=scenario, source="fredfusion synth")
     return SequenceInfo(
         sequence_id=sid,
         path=seq_dir,
