@@ -42,6 +42,8 @@ class TrainConfig:
     fusion: str = "concat"
     input_shape: list[int] = field(default_factory=lambda: list(DEFAULT_INPUT_HW))  # (height, width)
     weights: str = ""  # initialise from these weights (rgb -> dual mapping supported)
+    weights_rgb: str = ""  # dual: the RGB backbone from an RGB model's checkpoint
+    weights_event: str = ""  # dual: the event backbone from an event model's checkpoint
     autoanchor: bool = False
     pairs: str = "required"  # which images train: required (the modality's frames exist), dual, any
     # phases (the seed tool's semantics: epochs counted over the whole run)
@@ -75,6 +77,7 @@ class TrainConfig:
     hsv_h: float = 0.015
     hsv_s: float = 0.7
     hsv_v: float = 0.4
+    modality_dropout: float = 0.0  # dual: share of the true pairs of a batch with RGB or events blanked
     # precision and speed
     fp16: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
     channels_last: bool = True
@@ -125,6 +128,8 @@ FIELD_HELP: dict[str, str] = {
     "fusion": "how a dual model joins its two inputs",
     "input_shape": "network input height and width, multiples of 32",
     "weights": "checkpoint to initialise from (an RGB model fills both backbones of a dual one)",
+    "weights_rgb": "RGB model checkpoint whose backbone initialises a dual model's RGB backbone",
+    "weights_event": "event model checkpoint whose backbone initialises a dual model's event backbone",
     "autoanchor": "fit k-means anchors on the train boxes, kept when their recall is higher",
     "pairs": "which train images: required (the modality's frames exist), dual (true pairs), any",
     "init_epoch": "epoch to start counting from",
@@ -155,6 +160,10 @@ FIELD_HELP: dict[str, str] = {
     "hsv_h": "hue jitter of RGB frames",
     "hsv_s": "saturation jitter of RGB frames",
     "hsv_v": "value (brightness) jitter of RGB frames",
+    "modality_dropout": (
+        "share of the true pairs of each batch trained with one modality blanked "
+        "(dual models; blank = all zeros, RGB or events 50/50)"
+    ),
     "fp16": "mixed precision on a GPU (bf16 where supported, else fp16)",
     "channels_last": "channels-last memory format",
     "compile": "torch.compile the model",
@@ -375,6 +384,7 @@ RANGES: tuple[tuple[tuple[str, ...], float, float], ...] = (
             "hsv_h",
             "hsv_s",
             "hsv_v",
+            "modality_dropout",
         ),
         0.0,
         1.0,
@@ -401,8 +411,24 @@ def validate(cfg: TrainConfig, source: str = "") -> None:
                 raise ConfigError(f"{name}: must be {bound}, got {value}{where}")
     if cfg.init_lr == 0:
         raise ConfigError(f"init_lr: must be > 0, got {cfg.init_lr}{where}")
+    _check_dual_options(cfg, where)
     if cfg.unfreeze_epoch < 1 or cfg.init_epoch < 0 or cfg.freeze_epoch < 0:
         raise ConfigError(f"epochs: need unfreeze_epoch >= 1 and non-negative init/freeze epochs{where}")
+
+
+def _check_dual_options(cfg: TrainConfig, where: str) -> None:
+    """The options of dual models only: per-branch weights need two backbones, dropout two modalities."""
+    branches = [f"weights_{k}" for k in ("rgb", "event") if getattr(cfg, f"weights_{k}")]
+    if branches and (cfg.modality != "dual" or cfg.fusion == "early"):
+        raise ConfigError(
+            f"{' / '.join(branches)}: initialise one backbone of a dual model with two backbones "
+            f"(fusion concat or attention), not modality {cfg.modality} fusion {cfg.fusion}; "
+            f"use weights for a single model{where}"
+        )
+    if cfg.modality_dropout > 0 and cfg.modality != "dual":
+        raise ConfigError(
+            f"modality_dropout: blanks one modality of a dual model, not of modality {cfg.modality}{where}"
+        )
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
