@@ -11,7 +11,7 @@ import pytest
 
 from fredfusion.data.dataset import FrameBatch
 from fredfusion.eval.coco_metrics import coco_map
-from fredfusion.eval.evaluator import EvalResult
+from fredfusion.eval.evaluator import EvalResult, restrict_gt
 from fredfusion.eval.plots import COLOR_FP, COLOR_GT, COLOR_MISS, plot_curves
 from fredfusion.eval.report import breakdowns, compare_table, format_table, write_report
 
@@ -124,6 +124,47 @@ def test_breakdowns_subset_of_images() -> None:
     assert b["overall"]["mAP50"] == pytest.approx(51 / 101)
 
 
+def _independent(gt: dict, dets: list[dict], ids: list[int]) -> tuple[float, float]:
+    """AP50 and AP50:95 of a COCO run on only the images ``ids`` (their gt and detections)."""
+    keep = set(ids)
+    res = coco_map(restrict_gt(gt, keep), [d for d in dets if d["image_id"] in keep])
+    return res.ap(0.5), res.ap(None)
+
+
+def test_breakdowns_per_condition() -> None:
+    gt, dets = _case()
+    by_seq = {1: ["day"], 2: ["night", "small"], 3: ["day", "small", "day"]}
+    for img in gt["images"]:
+        img["conditions"] = by_seq[img["sequence_id"]] + (["background"] if img["id"] == 6 else [])
+    dets.append({"image_id": 3, "category_id": 1, "bbox": [600.0, 600.0, 30.0, 30.0], "score": 0.95})
+    cond = breakdowns(gt, dets)["conditions"]
+    assert list(cond) == ["day", "night", "small", "background"]
+    members = {"day": [1, 2, 5, 6], "night": [3, 4], "small": [3, 4, 5, 6], "background": [6]}
+    for name, ids in members.items():
+        n_boxes = sum(1 for a in gt["annotations"] if a["image_id"] in ids)
+        assert (cond[name]["images"], cond[name]["boxes"]) == (len(ids), n_boxes), name
+    for name in ("day", "night", "small"):
+        ap50, ap = _independent(gt, dets, members[name])
+        assert cond[name]["AP50"] == pytest.approx(ap50) and cond[name]["mAP50_95"] == pytest.approx(ap)
+    assert cond["day"]["AP50"] == pytest.approx(1.0)  # the FP (0.3) ranks below all four boxes
+    # night: an FP at 0.95 above the box found at 0.9, the other box missed: 1/2 at precision 1/2
+    assert cond["night"]["AP50"] == pytest.approx(51 / 101 / 2)
+    assert cond["background"] == {"images": 1, "boxes": 0, "AP50": None, "mAP50_95": None}
+    # a subset of the images: the conditions of those images only
+    sub = breakdowns(gt, dets, [img for img in gt["images"] if img["sequence_id"] == 1])["conditions"]
+    assert list(sub) == ["day"] and sub["day"]["images"] == 2
+
+
+def test_no_conditions_no_breakdown(tmp_path: Path) -> None:
+    gt, dets = _case()  # images without "conditions": a folder prepared before they were recorded
+    b = breakdowns(gt, dets)
+    assert b["conditions"] == {}
+    res = EvalResult(metrics={"mAP50": 0.5}, detections=dets, gt=gt)
+    saved = json.loads(write_report(tmp_path, res, b)["metrics"].read_text())
+    assert saved["conditions"] == {} and "conditions" not in saved["breakdowns"]
+    assert json.loads(write_report(tmp_path, res, {})["metrics"].read_text())["conditions"] == {}
+
+
 class TinyDataset:
     store_hw = (72, 128)
     orig_hw = (720, 1280)
@@ -151,6 +192,7 @@ def test_write_report_files(tmp_path: Path) -> None:
     assert json.loads(files["detections"].read_text()) == dets
     saved = json.loads(files["metrics"].read_text())
     assert saved["metrics"]["mAP50"] == pytest.approx(res.metrics["mAP50"])
+    assert saved["conditions"] == {} and "conditions" not in saved["breakdowns"]
     assert saved["breakdowns"]["per_sequence"]["2"]["gt_boxes"] == 2
     # F1-optimal: 5 TP above the FP (0.3) and one miss -> conf 0.8, P 1, R 5/6
     best = saved["f1_optimal"]
@@ -269,3 +311,34 @@ def test_plot_curves(tmp_path: Path) -> None:
     bad.write_text("epoch,train_loss\n")
     with pytest.raises(ValueError, match="no data rows"):
         plot_curves(bad, tmp_path / "x.png")
+
+
+def test_conditions_of_a_prepared_sample(tiny_prepared: Path) -> None:
+    """The synthetic scenarios reach the breakdown through prepare; each condition's AP equals a COCO
+    run on only its images."""
+    from fredfusion.data.coco import load_coco
+    from fredfusion.data.synth import plan_scenarios
+
+    ann_dir = tiny_prepared / "annotations"
+    parts = [load_coco(ann_dir / f"instances_{s}.json") for s in ("train", "val", "test")]
+    gt = {**parts[0], "images": [im for p in parts for im in p["images"]]}
+    gt["annotations"] = [a for p in parts for a in p["annotations"]]
+    rng = np.random.default_rng(0)
+    dets = []  # every other box found, shifted by up to 3 px, plus a false positive per 4 images
+    for k, a in enumerate(gt["annotations"]):
+        if k % 2 == 0:
+            box = [a["bbox"][0] + float(rng.uniform(-3, 3)), a["bbox"][1], *a["bbox"][2:]]
+            dets.append({"image_id": a["image_id"], "category_id": 1, "bbox": box, "score": 0.5 + k % 7 / 20})
+    for im in gt["images"][::4]:
+        dets.append({"image_id": im["id"], "category_id": 1, "bbox": [5.0, 5.0, 20.0, 20.0], "score": 0.6})
+    cond = breakdowns(gt, dets)["conditions"]
+    scenario_parts = {c for scenario in plan_scenarios(5, seed=1) for c in scenario.split("+")}
+    assert set(cond) == scenario_parts
+    for name, row in cond.items():
+        ids = [im["id"] for im in gt["images"] if name in im["conditions"]]
+        assert row["images"] == len(ids) > 0
+        assert row["boxes"] == sum(1 for a in gt["annotations"] if a["image_id"] in set(ids))
+        ap50, ap = _independent(gt, dets, ids)
+        assert row["AP50"] == pytest.approx(ap50, abs=1e-12)
+        assert row["mAP50_95"] == pytest.approx(ap, abs=1e-12)
+        assert 0 < row["AP50"] < 1

@@ -128,12 +128,20 @@ def _ap_table(groups: dict[str, dict[str, Any]], title: str, images: bool = True
     return format_table(rows, [title, *(("images",) if images else ()), "boxes", "AP50"])
 
 
+def _condition_table(conditions: dict[str, dict[str, Any]]) -> str:
+    """The per-condition breakdown: a row per condition with its images, boxes, AP50 and AP50:95."""
+    rows = [[k, v["images"], v["boxes"], _pct(v["AP50"]), _pct(v["mAP50_95"])] for k, v in conditions.items()]
+    return format_table(rows, ["condition", "images", "boxes", "AP50", "AP50:95"])
+
+
 def _print_breakdowns(parts: dict, log) -> None:
     log(_ap_table(parts["per_sequence"], "sequence"))
     if parts["per_drone_model"]:
         log(_ap_table(parts["per_drone_model"], "drone model"))
     log(_ap_table(parts["by_size"]["max_side_px"], "max side px", images=False))
     log(_ap_table(parts["per_pair_status"], "pair status"))
+    if parts.get("conditions"):
+        log(_condition_table(parts["conditions"]))
     worst = ", ".join(f"{w['sequence_id']} ({_pct(w['AP50'])})" for w in parts["worst_sequences"])
     log(f"worst sequences by AP50: {worst or '-'}")
 

@@ -9,8 +9,13 @@ Breakdown choices:
 - by size: COCO small / medium / large AP50 (annotation area) from the overall precision array,
   and FRED bins on the longer box side in original pixels (``<16``, ``16-32``, ``32-64``,
   ``>=64``, half-open) through COCO's area-range mechanism applied to ``max_side**2``.
+- per condition (``data.conditions``: the synthetic scenarios' parts, FRED's canonical and
+  challenging test lists): COCO AP50 and AP50:95 on the images of that condition; an image counts
+  under each condition of its sequence. Empty when the images carry no ``conditions`` (a folder
+  prepared before they were recorded).
 
-AP values are -1 where COCO leaves them undefined (no gt box in the group). ``gt_boxes`` counts
+AP values are -1 where COCO leaves them undefined (no gt box in the group), except per condition,
+where they are None (metrics.json ``conditions``, read by other tools). ``gt_boxes`` counts
 non-crowd boxes.
 """
 
@@ -26,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from fredfusion.data.conditions import sort_conditions
 from fredfusion.draw import save_png, tile_grid
 from fredfusion.eval.coco_metrics import (
     COCO_AREA_RANGES,
@@ -142,11 +148,37 @@ def _by_size(sel: _Selection, overall_res: Any) -> dict:
     return {"coco_area": coco_sizes, "max_side_px": side_sizes}
 
 
-def breakdowns(gt: Mapping, detections: Sequence[Mapping], images: Sequence[Mapping] | None = None) -> dict:
-    """AP50 per sequence, drone model, box size and pair status; the 10 worst sequences.
+def _defined(ap: float) -> float | None:
+    """A COCO AP, None where COCO leaves it undefined (-1)."""
+    return ap if ap >= 0 else None
 
-    ``images`` are the COCO image dicts evaluated (``sequence_id``, ``pair_status``); default: all
-    of ``gt["images"]``. Returns a JSON-ready dict (see the module notes for the choices made).
+
+def _per_condition(sel: _Selection, imgs: list[Mapping]) -> dict:
+    """AP50 and AP50:95 on the images of each condition named by the images' ``conditions`` lists."""
+    by_cond: dict[str, list[int]] = defaultdict(list)
+    for img in imgs:
+        names = img.get("conditions")
+        if isinstance(names, list | tuple):
+            for name in dict.fromkeys(str(n) for n in names):
+                by_cond[name].append(int(img["id"]))
+    out: dict[str, dict[str, Any]] = {}
+    for name in sort_conditions(by_cond):
+        ids = by_cond[name]
+        res = sel.ev.evaluate(ids)
+        out[name] = {
+            "images": len(ids),
+            "boxes": sel.counts(ids)["gt_boxes"],
+            "AP50": _defined(res.ap(0.5)),
+            "mAP50_95": _defined(res.ap(None)),
+        }
+    return out
+
+
+def breakdowns(gt: Mapping, detections: Sequence[Mapping], images: Sequence[Mapping] | None = None) -> dict:
+    """AP50 per sequence, drone model, box size, pair status and condition; the 10 worst sequences.
+
+    ``images`` are the COCO image dicts evaluated (``sequence_id``, ``pair_status``, ``conditions``);
+    default: all of ``gt["images"]``. Returns a JSON-ready dict (see the module notes for the choices made).
     """
     imgs = list(gt["images"]) if images is None else list(images)
     sel = _select(gt, detections, imgs)
@@ -173,9 +205,11 @@ def breakdowns(gt: Mapping, detections: Sequence[Mapping], images: Sequence[Mapp
         "per_drone_model": _per_drone_model(sel, seq_of, by_seq),
         "by_size": _by_size(sel, overall_res),
         "per_pair_status": {p: group_stats(by_pair[p]) for p in sorted(by_pair)},
+        "conditions": _per_condition(sel, imgs),
         "worst_sequences": [{"sequence_id": s, **v} for s, v in ranked[:_WORST]],
         "notes": {
             "AP50": "COCO AP at IoU 0.5, max 100 detections per image; -1 where a group has no gt box",
+            "conditions": "images of the sequences with that condition; AP None where it has no gt box",
             "per_drone_model": "images of the sequences where the model appears; other models' boxes ignored",
             "max_side_px": "longer box side in original pixels, bins [lo, hi)",
         },
@@ -274,8 +308,11 @@ def write_report(
 ) -> dict[str, Path]:
     """Write detections.json, metrics.json, pr_curve.png and (with ``dataset``) gallery.png.
 
-    The F1-optimal confidence (from detections matched at IoU 0.5) is marked on the PR curve,
-    stored in metrics.json and used to pick the gallery's false positives and missed drones.
+    metrics.json holds ``metrics``, ``f1_optimal``, ``conditions`` (``breakdowns["conditions"]``,
+    ``{}`` without conditions: name -> images, boxes, AP50, mAP50_95 as fractions or None) and the
+    other ``breakdowns``. The F1-optimal confidence (from detections matched at IoU 0.5) is marked
+    on the PR curve, stored in metrics.json and used to pick the gallery's false positives and
+    missed drones.
     Returns name -> path of the files written.
     """
     out = Path(out_dir)
@@ -286,9 +323,9 @@ def write_report(
     matches = match_detections(result.gt, result.detections, iou_thr=0.5)
     best = f1_optimal(matches)
     curve = pr_curve(matches)
-    files["metrics"] = _write_json(
-        out / "metrics.json", {"metrics": result.metrics, "f1_optimal": best, "breakdowns": breakdowns}
-    )
+    rest = {k: v for k, v in breakdowns.items() if k != "conditions"}
+    saved = {"metrics": result.metrics, "f1_optimal": best, "conditions": breakdowns.get("conditions", {})}
+    files["metrics"] = _write_json(out / "metrics.json", {**saved, "breakdowns": rest})
 
     coco = result.coco
     if coco is None and result.gt.get("images"):
