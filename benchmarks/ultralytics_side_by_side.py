@@ -12,9 +12,11 @@ fredfusion's per-epoch ``pairs_per_s`` in results.csv; one dual sample = one RGB
 ratio fredfusion / Ultralytics, and mAP50 on the val split (fredfusion: its own evaluator;
 Ultralytics: its val metrics on the exported val split). Ultralytics gets fredfusion's default
 augmentation (Mosaic 0.5, MixUp 0.5 per image, for the first 70% of the epochs; same scale,
-translate, flip and HSV gains); otherwise each tool keeps its own recipe (optimizer, schedule,
-loss). Ultralytics trains square ``imgsz x imgsz`` letterboxed inputs, fredfusion 16:9
-``H x imgsz`` ones (its training shape; H = imgsz * 9/16 rounded to 32).
+translate, flip and HSV gains) and the same ``--optimizer`` choice (``auto``, the default, is
+AdamW at lr 0.002 in both tools for runs of at most 10,000 steps; beyond, fredfusion picks SGD and
+Ultralytics 8.4 MuSGD); otherwise each tool keeps its own recipe (schedule, warm-up, loss).
+Ultralytics trains square ``imgsz x imgsz`` letterboxed inputs, fredfusion 16:9 ``H x imgsz`` ones
+(its training shape; H = imgsz * 9/16 rounded to 32).
 
 Installing Ultralytics (benchmark only; the package never imports it)::
 
@@ -190,6 +192,7 @@ def train_fredfusion(
     seed: int = 0,
     log: Callable[[str], None] = print,
     arch: str = "yolov8",
+    optimizer: str = "auto",
 ) -> dict[str, Any]:
     """Train fredfusion with its Trainer on the true pairs; training images/s and val mAP50."""
     import csv
@@ -204,6 +207,7 @@ def train_fredfusion(
             "modality": modality,
             "model": model,
             "arch": arch,
+            "optimizer": optimizer,
             "pairs": "dual",
             "input_shape": list(input_hw),
             "freeze_train": False,
@@ -289,6 +293,7 @@ def train_ultralytics(
     out: Path,
     threads: int,
     seed: int = 0,
+    optimizer: str = "auto",
 ) -> dict[str, Any]:
     """Train Ultralytics YOLOv8<model> from its yaml; training images/s and val mAP50."""
     _prepare_ultralytics_env(out / "config")
@@ -336,6 +341,7 @@ def train_ultralytics(
         seed=seed,
         deterministic=False,
         pretrained=False,
+        optimizer={"sgd": "SGD", "adamw": "AdamW"}.get(optimizer, optimizer),
         plots=False,
         val=False,
         amp="bf16" if bf16 else device.type == "cuda",
@@ -437,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for both (0: as is)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--optimizer",
+        choices=("auto", "sgd", "adamw"),
+        default="auto",
+        help="both tools (auto: AdamW at lr 0.002 in both for runs up to 10,000 steps)",
+    )
     ap.add_argument("--sequences", type=int, default=10, help="synthetic sample: sequences")
     ap.add_argument("--frames", type=int, default=60, help="synthetic sample: RGB frames per sequence")
     ap.add_argument("--width", type=int, default=1280, help="synthetic sample: frame width")
@@ -525,6 +537,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 out / "fredfusion",
                 seed=args.seed,
                 arch=args.arch,
+                optimizer=args.optimizer,
             )
             _write_report(out, report)  # a partial report survives a run that is stopped later
         if not args.skip_ultralytics:
@@ -539,6 +552,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 out / "ultralytics",
                 threads,
                 seed=args.seed,
+                optimizer=args.optimizer,
             )
     _write_report(out, report)
     print(format_report(report))
