@@ -16,9 +16,12 @@ from fredfusion.data.dataset import PreparedDataset
 from fredfusion.engine.memory import evaluation_need
 from fredfusion.engine.runtime import amp_dtype_for, pick_device
 from fredfusion.eval.evaluator import EvalResult, evaluate
+from fredfusion.eval.late_fusion import late_fusion
 from fredfusion.eval.report import breakdowns, compare_table, format_table, write_report
 from fredfusion.model.weights import input_hw_of, load_model
 from fredfusion.spec import NMS_IOU
+
+_LATE_RULE = "merged: a detection overlapping a better kept one of the other model by IoU > --iou is dropped"
 
 
 def _pct(value: float | None) -> str:
@@ -79,7 +82,27 @@ def _evaluate_one(
 ) -> EvalResult:
     """Evaluate one checkpoint (``settings``: keyword arguments of ``evaluate``), log its metrics and
     breakdowns, and write its report into ``folder``."""
-    model, payload = load_model(path, dev)
+    t0 = time.perf_counter()
+    result, dataset = _infer(path, data, split, input_hw, dev, settings, log)
+    report_result(result, dataset, folder, gallery, log, t0)
+    return result
+
+
+def _infer(
+    path: Path,
+    data: Path,
+    split: str,
+    input_hw: tuple[int, int] | None,
+    dev: torch.device,
+    settings: dict[str, Any],
+    log: Callable[[str], None],
+    model: torch.nn.Module | None = None,
+    payload: dict[str, Any] | None = None,
+) -> tuple[EvalResult, PreparedDataset]:
+    """The detections and metrics of one checkpoint (or its already loaded ``model`` and ``payload``)
+    on the true pairs of ``split``, after the memory check on a CPU."""
+    if model is None or payload is None:
+        model, payload = load_model(path, dev)
     hw = input_hw_of(payload, input_hw, str(path))
     dataset = PreparedDataset(data, split, modality=model.modality, pairs="dual")
     log(f"eval {path}: {model.modality} YOLO-{model.size} on {len(dataset)} {split} pairs at {hw[1]}x{hw[0]}")
@@ -93,23 +116,91 @@ def _evaluate_one(
                 f"not enough memory: {need.line().removeprefix('memory: ')}; lower --batch {batch} "
                 f"(about {fits} fits at {hw[0]}x{hw[1]}) or free memory"
             )
-    t0 = time.perf_counter()
     amp = amp_dtype_for(dev, True)
     result = evaluate(model, dataset, device=dev, input_hw=hw, amp_dtype=amp, progress=True, **settings)
+    return result, dataset
+
+
+def report_result(
+    result: EvalResult,
+    dataset: PreparedDataset,
+    folder: Path,
+    gallery: int = 8,
+    log: Callable[[str], None] = print,
+    t0: float | None = None,
+) -> dict[str, Any]:
+    """Log an evaluation's metrics and breakdowns (per condition too) and write its report into
+    ``folder``; returns the breakdowns (``conditions`` among them)."""
     m = result.metrics
     log(
         f"  mAP50 {_pct(m['mAP50'])}  mAP50:95 {_pct(m['mAP50_95'])}  AR100 {_pct(m['AR100'])}  "
         f"APs {_pct(m['APs'])}  APm {_pct(m['APm'])}"
     )
-    log(
-        f"  {m['images']} pairs, inference+NMS {m['pairs_per_s']:.1f} pairs/s, "
-        f"metrics {m['metrics_s']:.2f} s, "
-        f"total {time.perf_counter() - t0:.1f} s"
-    )
+    if m.get("pairs_per_s") is not None and t0 is not None:
+        log(
+            f"  {m['images']} pairs, inference+NMS {m['pairs_per_s']:.1f} pairs/s, "
+            f"metrics {m['metrics_s']:.2f} s, "
+            f"total {time.perf_counter() - t0:.1f} s"
+        )
     parts = breakdowns(result.gt, result.detections, dataset.images)
     _print_breakdowns(parts, log)
     files = write_report(folder, result, parts, dataset=dataset, gallery=gallery)
     log(f"  report: {', '.join(str(p) for p in files.values())}")
+    return parts
+
+
+def evaluate_late(
+    rgb: Path,
+    event: Path,
+    data: Path,
+    split: str = "test",
+    batch: int = 32,
+    conf: float = 0.001,
+    iou: float = NMS_IOU,
+    input_hw: tuple[int, int] | None = None,
+    device: str = "",
+    workers: int = 0,
+    out: Path | None = None,
+    gallery: int = 8,
+    log: Callable[[str], None] = print,
+) -> EvalResult:
+    """Late fusion (``eval.late_fusion``): an rgb and an event checkpoint evaluated on the same true
+    pairs of ``split``, their detections merged and scored; the report goes to ``out`` (default
+    runs/eval/late_<rgb name>+<event name>). A missing file, or checkpoints that are not one rgb and one
+    event model, is a user mistake naming the flag."""
+    dev = pick_device(device)
+    checks = (("--weights", rgb, "rgb"), ("--late-event", event, "event"))
+    for flag, path, _ in checks:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: checkpoint not found")
+    models = {}
+    for flag, path, wanted in checks:
+        models[wanted] = load_model(Path(path), dev)
+        modality = models[wanted][0].modality
+        if modality != wanted:
+            raise ConfigError(
+                f"{flag} {path}: is {'a' if modality == 'dual' else 'an'} {modality} model; late fusion "
+                f"merges an rgb model (--weights) "
+                f"with an event model (--late-event)"
+            )
+    if not Path(data).is_dir():
+        raise FileNotFoundError(
+            f"--data {data}: prepared folder not found; run `fredfusion prepare --out {data}`"
+        )
+    settings = dict(batch_size=batch, conf=conf, iou=iou, num_workers=workers)
+    t0 = time.perf_counter()
+    single = {}
+    for (name, (model, payload)), path in zip(models.items(), (rgb, event)):
+        single[name], dataset = _infer(
+            Path(path), Path(data), split, input_hw, dev, settings, log, model, payload
+        )
+        m = single[name].metrics
+        log(f"  {name} alone: mAP50 {_pct(m['mAP50'])}  mAP50:95 {_pct(m['mAP50_95'])}")
+    result = late_fusion(single["rgb"], single["event"], iou=iou)
+    log(f"late fusion of {rgb} and {event} ({_LATE_RULE})")
+    names = _unique_names([Path(rgb), Path(event)])
+    folder = Path(out) if out else Path("runs/eval") / f"late_{names[0]}+{names[1]}"
+    report_result(result, dataset, folder, gallery, log, t0)
     return result
 
 
@@ -151,6 +242,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="COCO mAP of one or more checkpoints on a split, with breakdowns")
     flags.add_weights(p, required=False, nargs="+")
     p.add_argument("--compare", type=Path, nargs="+", default=None, help="several checkpoints side by side")
+    p.add_argument(
+        "--late-event",
+        type=Path,
+        default=None,
+        metavar="EVENT_CHECKPOINT",
+        help="late fusion: merge the detections of --weights (an rgb model) with this event model's",
+    )
     flags.add_data(p)
     p.add_argument("--split", default="test", help="split to evaluate on (default: test)")
     flags.add_batch(p, 32)
@@ -167,6 +265,23 @@ def run(args: argparse.Namespace) -> int:
     weights = list(args.weights or []) + list(args.compare or [])
     if not weights:
         raise ConfigError("eval: give --weights W (or --compare W1 W2 ...)")
+    if args.late_event is not None:
+        if len(weights) != 1:
+            raise ConfigError("--late-event: give one rgb checkpoint with --weights (no --compare)")
+        evaluate_late(
+            weights[0],
+            args.late_event,
+            data=args.data,
+            split=args.split,
+            batch=args.batch,
+            conf=args.conf,
+            iou=args.iou,
+            input_hw=flags.input_hw(args),
+            device=args.device,
+            workers=args.workers,
+            out=args.out,
+        )
+        return 0
     evaluate_checkpoints(
         weights,
         data=args.data,
