@@ -25,6 +25,7 @@ from fredfusion.data.augment import (
     target_rows,
     valid_targets,
 )
+from fredfusion.data.blanking import blank_frames, keep_masks
 from fredfusion.model.loss import YoloLoss
 
 H_IN, W_IN = 72, 128
@@ -493,8 +494,9 @@ ANCHORS = [[[4.0, 4.0], [8.0, 6.0], [12.0, 16.0]], [[16.0, 12.0], [24.0, 24.0], 
            [[40.0, 40.0], [60.0, 30.0], [80.0, 60.0]]]  # fmt: skip
 
 
-def _fake_cuda_step(b: int, m: int, cfg: AugmentConfig, special: bool) -> dict:
-    """One training step (augment_batch + YoloLoss) on fake CUDA tensors: shapes only, no data.
+def _fake_cuda_step(b: int, m: int, cfg: AugmentConfig, special: bool, dropout: float = 0.0) -> dict:
+    """One training step (augment_batch, the blanking of missing / dropped modalities with modality
+    dropout ``dropout``, YoloLoss) on fake CUDA tensors: shapes only, no data.
 
     Under ``FakeTensorMode`` every op that needs a tensor's values on the host (``.item()``,
     ``bool(t)``, ``nonzero``, boolean-mask indexing, ...) raises, so this runs only if the step
@@ -525,11 +527,13 @@ def _fake_cuda_step(b: int, m: int, cfg: AugmentConfig, special: bool) -> dict:
         rgb = torch.empty((b, 3, 36, 64), dtype=torch.uint8, device=dev)
         event = torch.empty((b, 3, 36, 64), dtype=torch.uint8, device=dev)
         targets = torch.empty((m, 6), device=dev)
+        present = torch.empty((b, 2), dtype=torch.bool, device=dev)
         loss_fn = YoloLoss(torch.tensor(ANCHORS), STRIDES, 1)
         head = torch.zeros((1, 3, 1, 1, 6), device=dev, requires_grad=True)
 
         def step() -> tuple:
             r, e, t = augment_batch(rgb, event, targets, OUT, cfg, special=special)
+            r, e = blank_frames(r, e, keep_masks(present, b, dropout, None, dev))
             preds = [F.avg_pool2d(r + e, s).mean(1)[:, None, :, :, None] * head for s in STRIDES]
             loss, parts = loss_fn(preds, t)
             return r, e, t, loss, parts
@@ -553,21 +557,22 @@ def _fake_cuda_step(b: int, m: int, cfg: AugmentConfig, special: bool) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("special", "mosaic", "mixup", "copies"),
-    [(True, True, True, 8), (False, True, True, 1)],  # every branch: with / without Mosaic and MixUp
+    ("special", "mosaic", "mixup", "copies", "dropout"),
+    # every branch: with / without Mosaic and MixUp, with / without modality dropout draws
+    [(True, True, True, 8, 0.0), (False, True, True, 1, 0.0), (True, True, True, 8, 0.3)],
 )
 def test_train_step_never_syncs_and_has_static_shapes(
-    special: bool, mosaic: bool, mixup: bool, copies: int
+    special: bool, mosaic: bool, mixup: bool, copies: int, dropout: float
 ) -> None:
     b, m = 6, 5
     cfg = AugmentConfig(mosaic=mosaic, mixup=mixup, mosaic_prob=0.5, mixup_prob=0.5, degrees=10, shear=2)
-    got = _fake_cuda_step(b, m, cfg, special)
+    got = _fake_cuda_step(b, m, cfg, special, dropout)
     assert target_rows(m, b, cfg, special) == m * copies
     assert got == {
         "rgb": ((b, 3, *OUT), "cuda"),
         "event": (b, 3, *OUT),
         "targets": ((m * copies, 6), "cuda"),
-        "loss": ((), (3,), "cuda"),
+        "loss": ((), (4,), "cuda"),  # box, obj, cls, dfl
         "grad": (1, 3, 1, 1, 6),
         "copies": [],
     }

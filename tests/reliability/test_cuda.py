@@ -6,6 +6,7 @@ kill -9 + --resume exact. Skipped without a GPU; ``benchmarks/gpu_run.sh`` runs 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -74,7 +75,8 @@ def test_fit_in_mixed_precision(
 
 def test_the_training_step_makes_no_host_sync(small_sample: Any) -> None:
     """Augmentation, forward, loss, backward, clipping, optimizer, EMA and the NaN guard of one step run
-    under torch.cuda.set_sync_debug_mode("error"): any host synchronisation raises."""
+    under torch.cuda.set_sync_debug_mode("error"): any host synchronisation raises; the last run blanks
+    unpaired images' missing modality and drops modalities (pairs: any, modality_dropout)."""
     if not CUDA:
         pytest.skip("the sync debug mode is a CUDA feature")
     from fredfusion.engine.runtime import amp_dtype_for
@@ -83,13 +85,14 @@ def test_the_training_step_makes_no_host_sync(small_sample: Any) -> None:
 
     device = torch.device(DEVICE)
     cfg = load_config(overrides={**TINY, "data": str(small_sample.prepared)})
-    ds = PreparedDataset(small_sample.prepared, "train", modality="dual")
+    ds = PreparedDataset(small_sample.prepared, "train", modality="dual", pairs="any")
     batch = next(iter(BatchLoader(ds, 8, seed=0, device=device)))
-    for arch in ("yolov5", "yolov8"):
+    blanking = dataclasses.replace(cfg, pairs="any", modality_dropout=0.5)
+    for arch, run_cfg in (("yolov5", cfg), ("yolov8", cfg), ("yolov5", blanking)):
         model = build_model("dual", "n", arch=arch).to(device).to(memory_format=torch.channels_last)
-        step = TrainStep(
-            cfg, model, 8, device=device, amp_dtype=amp_dtype_for(device), optimizer_choice=("adamw", 2e-3)
-        )
+        amp, choice = amp_dtype_for(device), ("adamw", 2e-3)
+        step = TrainStep(run_cfg, model, 8, device=device, amp_dtype=amp, optimizer_choice=choice)
+        assert step.blanking is (run_cfg is blanking)
         generator = torch.Generator(device=device).manual_seed(0)
         step.run(model, batch, True, generator)  # first step: lazy state is created here
         torch.cuda.synchronize()

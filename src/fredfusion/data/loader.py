@@ -32,7 +32,7 @@ from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.store import EncodedFrames
 from fredfusion.spec import frames_for
 
-_DEVICE_KEYS = ("rgb", "event", "targets")
+_DEVICE_KEYS = ("rgb", "event", "targets", "present")
 DECODE_CHOICES = ("auto", "device", "workers")
 
 
@@ -42,6 +42,8 @@ class DeviceBatch:
 
     ``ids`` and ``bad`` stay on the host: ``bad`` (B,) bool marks images that could not be read
     (zeros, no target rows); ``problems`` holds (image id, file, reason) for each of them.
+    ``present`` (B, 2) bool, with the images: whether each has its RGB and its event frame (False for
+    a frame the image lacks, one its modality does not read, and both of a bad image); None: all.
     """
 
     ids: torch.Tensor
@@ -51,6 +53,7 @@ class DeviceBatch:
     wait_s: float
     bad: torch.Tensor | None = None
     problems: list[tuple[int, str, str]] = field(default_factory=list)
+    present: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.bad is None:
@@ -147,6 +150,7 @@ class _BatchSource(Dataset):
             "ids": torch.from_numpy(ids),
             "targets": torch.from_numpy(targets),
             "bad": torch.from_numpy(np.asarray(fb.bad, dtype=bool)),
+            "present": torch.from_numpy(np.stack([fb.has_rgb, fb.has_event], 1).astype(bool)),
             "problems": [list(p) for p in fb.problems],
         }
         item.update(frames)
@@ -308,6 +312,7 @@ class BatchLoader:
             wait_s=wait_s,
             bad=item.get("bad"),
             problems=[(int(i), str(f), str(r)) for i, f, r in item.get("problems", [])],
+            present=item.get("present"),
         )
 
     def _iter_cuda(self, it: Iterator[dict[str, Any]]) -> Iterator[DeviceBatch]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from fredfusion.data.augment import letterbox_batch
 from fredfusion.data.dataset import PreparedDataset
-from fredfusion.spec import model_inputs
+from fredfusion.spec import frames_for, model_inputs
 
 
 @torch.no_grad()
@@ -29,17 +29,21 @@ def recalibrate_batchnorm(
     seed: int = 0,
     frozen: list[nn.Module] | None = None,
 ) -> int:
-    """Set every BN layer's running mean/var to its average over `images` letterboxed train images.
+    """Set every BN layer's running mean/var to its average over `images` letterboxed train images that
+    have every frame the model reads (the true pairs for dual: what it is evaluated on).
 
     BN layers inside `frozen` modules (backbones of the freeze phase) keep their statistics.
     Returns the number of images used (0 when the model has no BatchNorm or images is 0).
     """
     keep = {id(m) for module in frozen or [] for m in module.modules()}
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in keep]
-    if not bns or images <= 0 or len(dataset) == 0:
+    has = {"rgb": dataset.has_rgb, "event": dataset.has_event}
+    whole = np.logical_and.reduce([has[k] for k in frames_for(getattr(model, "modality", "dual"))])
+    pool = dataset.ids[whole]
+    if not bns or images <= 0 or len(pool) == 0:
         return 0
     rng = np.random.default_rng(seed)
-    ids = rng.choice(dataset.ids, size=min(images, len(dataset)), replace=False)
+    ids = rng.choice(pool, size=min(images, len(pool)), replace=False)
     was_training = model.training
     saved = [bn.momentum for bn in bns]
     for bn in bns:

@@ -48,6 +48,8 @@ def open_run_data(cfg: TrainConfig, log: Callable[[str], None]) -> RunData:
         f"data: {checks['data']}; train dual_rate {checks['dual_rate']}, "
         f"avg_tdiff {summary['avg_tdiff_ms']:.2f} ms"
     )
+    for line in blanking_lines(cfg, train):
+        log(line)
     if val is None:
         log("no val images: evaluation is skipped; best checkpoint by training loss")
     status = {int(im["id"]): im for im in train.images}
@@ -60,6 +62,26 @@ def open_run_data(cfg: TrainConfig, log: Callable[[str], None]) -> RunData:
     )
     check_damaged(data, cfg.max_bad_frame_share, log)
     return data
+
+
+def blanking_lines(cfg: TrainConfig, train: PreparedDataset) -> list[str]:
+    """What a dual run blanks (``data.blanking``): its unpaired train images and the modality dropout."""
+    if cfg.modality != "dual":
+        return []
+    lines = []
+    rgb_only = int((train.has_rgb & ~train.has_event).sum())
+    event_only = int((train.has_event & ~train.has_rgb).sum())
+    if rgb_only or event_only:
+        lines.append(
+            f"unpaired: {rgb_only} rgb_only + {event_only} event_only train images (pairs {cfg.pairs}), "
+            f"their missing modality blanked (zeros)"
+        )
+    if cfg.modality_dropout > 0:
+        lines.append(
+            f"modality dropout: {cfg.modality_dropout:g} of the true pairs trained with RGB or events "
+            f"blanked (zeros, 50/50, drawn per sample on the device)"
+        )
+    return lines
 
 
 def check_damaged(data: RunData, max_share: float, log: Callable[[str], None]) -> None:

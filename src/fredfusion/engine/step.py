@@ -13,12 +13,17 @@ from torch import nn
 
 from fredfusion.config import TrainConfig
 from fredfusion.data.augment import AugmentConfig, augment_batch
+from fredfusion.data.blanking import blank_frames, keep_masks
 from fredfusion.data.loader import DeviceBatch
+from fredfusion.engine.compiled import compile_callable, mark_step_begin
 from fredfusion.engine.ema import ModelEMA, unwrap
 from fredfusion.engine.optim import build_optimizer, prepare_state, scaled_lr
 from fredfusion.engine.runtime import autocast
 from fredfusion.engine.step_guard import StepGuard
 from fredfusion.model.build import build_loss
+
+DROPOUT_SEED_SALT = 0x5EED_B1A4_D40F
+"""Mixed into the augmentation seed to seed the modality dropout stream (an arbitrary constant)."""
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
@@ -69,7 +74,13 @@ class TrainStep:
         self.ema = ModelEMA(model) if cfg.ema else None
         self.guard = StepGuard(model, device)
         self.loss_fn = build_loss(model, cfg.label_smoothing)
+        # the training step's loss, compiled with the model under ``compile`` (evaluation uses loss_fn)
+        self.compute_loss = compile_callable(self.loss_fn, cfg.compile_mode) if cfg.compile else self.loss_fn
         self.aug_cfg = augment_config(cfg)
+        # blanking (data.blanking) only where a dual run can have a missing or dropped modality
+        self.blanking = cfg.modality == "dual" and (cfg.modality_dropout > 0 or cfg.pairs == "any")
+        self._blank_for: torch.Generator | None = None
+        self._blank_gen: torch.Generator | None = None
 
     def base_lr(self, batch: int) -> float:
         """Learning rate of a phase at ``batch`` per process: Init_lr scaled by the global batch,
@@ -82,7 +93,8 @@ class TrainStep:
     def run(
         self, wrapped: nn.Module, batch: DeviceBatch, special: bool, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment a loaded batch on the device (Mosaic / MixUp when ``special``), then ``optimize``."""
+        """Augment a loaded batch on the device (Mosaic / MixUp when ``special``), blank missing and
+        dropped modalities of a dual run (``data.blanking``), then ``optimize``."""
         rgb, event, targets = augment_batch(
             batch.rgb,
             batch.event,
@@ -92,7 +104,22 @@ class TrainStep:
             special=special,
             generator=generator,
         )
+        if self.blanking:
+            share, draws = self.cfg.modality_dropout, self._dropout_generator(generator)
+            keep = keep_masks(batch.present, len(batch.ids), share, draws, self.device)
+            rgb, event = blank_frames(rgb, event, keep)
         return self.optimize(wrapped, rgb, event, targets, len(batch.ids))
+
+    def _dropout_generator(self, generator: torch.Generator) -> torch.Generator:
+        """The generator of the modality dropout draws: its own stream, seeded from the augmentation
+        generator's seed whenever that generator is a new one (each epoch), so the draws are a function
+        of (seed, epoch) like the augmentation (resume stays exact) and the augmentation is the same
+        whatever the dropout share."""
+        if generator is not self._blank_for or self._blank_gen is None:
+            self._blank_gen = torch.Generator(device=generator.device)
+            self._blank_gen.manual_seed((generator.initial_seed() ^ DROPOUT_SEED_SALT) % 2**63)
+            self._blank_for = generator
+        return self._blank_gen
 
     def optimize(
         self,
@@ -115,10 +142,12 @@ class TrainStep:
         if cfg.channels_last:
             rgb = rgb.contiguous(memory_format=torch.channels_last) if rgb is not None else None
             event = event.contiguous(memory_format=torch.channels_last) if event is not None else None
+        if cfg.compile:
+            mark_step_begin(cfg.compile_mode)  # CUDA graphs: the previous step's outputs are dead
         guard.begin()
         with autocast(self.device, self.amp_dtype):
             preds = wrapped(rgb, event)
-        loss, parts = self.loss_fn([p.float() for p in preds], targets)
+        loss, parts = self.compute_loss([p.float() for p in preds], targets)
         self.optimizer.zero_grad(set_to_none=True)
         n = max(n, 1)
         # the losses return mean * batch; scaling to the nominal batch (64) gives every batch size the

@@ -1,0 +1,114 @@
+"""The training step's blanking of dual samples: unpaired images (pairs: any) enter with their missing
+modality blank, modality dropout blanks one modality of true pairs, reproducibly, and leaves the
+augmentation as it was; default runs do not blank at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import fredfusion.engine.step as step_mod
+from fredfusion.config import load_config
+from fredfusion.data.blanking import blank_frames
+from fredfusion.data.dataset import PreparedDataset
+from fredfusion.data.loader import BatchLoader, DeviceBatch
+from fredfusion.engine.step import TrainStep
+from fredfusion.model import build_model
+from shared import TINY_TRAIN
+
+CPU = torch.device("cpu")
+
+
+_STEPS: dict[tuple[Any, ...], TrainStep] = {}
+
+
+def _step(data: Path, **overrides: Any) -> TrainStep:
+    """A dual YOLO-n TrainStep of the tiny settings with ``overrides`` (built once per module)."""
+    key = (data, *sorted(overrides.items()))
+    if key not in _STEPS:
+        cfg = load_config(overrides={**TINY_TRAIN, "data": str(data), "fp16": False, **overrides})
+        model = build_model("dual", "n", num_classes=1)
+        _STEPS[key] = TrainStep(cfg, model, 8, device=CPU, amp_dtype=None, optimizer_choice=("sgd", None))
+    return _STEPS[key]
+
+
+def _split_batch(data: Path, pairs: str) -> DeviceBatch:
+    """One batch of 24 train images spread over the split (unpaired ones too with ``pairs: any``)."""
+    ds = PreparedDataset(data, "train", modality="dual", pairs=pairs, max_images=24, skip_bad=True)
+    return next(iter(BatchLoader(ds, len(ds), shuffle=False, drop_last=False)))
+
+
+def _inputs(
+    step: TrainStep, batch: DeviceBatch, monkeypatch: pytest.MonkeyPatch, seed: int = 0
+) -> dict[str, Any]:
+    """The model inputs and keep mask ``step.run`` produces for ``batch`` (the optimisation left out)."""
+    got: dict[str, Any] = {}
+
+    def blank(rgb: torch.Tensor, event: torch.Tensor, keep: torch.Tensor) -> Any:
+        got["keep"] = keep.clone()
+        return blank_frames(rgb, event, keep)
+
+    def optimize(_wrapped: Any, rgb: torch.Tensor, event: torch.Tensor, *_rest: Any) -> Any:
+        got["rgb"], got["event"] = rgb, event
+        return None
+
+    monkeypatch.setattr(step_mod, "blank_frames", blank)
+    monkeypatch.setattr(step, "optimize", optimize)
+    step.run(step.model, batch, True, torch.Generator().manual_seed(seed))
+    return got
+
+
+def _blank(x: torch.Tensor) -> torch.Tensor:
+    return (x == 0).flatten(1).all(1)
+
+
+def test_unpaired_images_train_with_their_missing_modality_blank(
+    tiny_prepared: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    batch = _split_batch(tiny_prepared, "any")
+    present = batch.present
+    assert present is not None and (~present[:, 0]).sum() > 0  # event_only images are in the batch
+    got = _inputs(_step(tiny_prepared, pairs="any"), batch, monkeypatch)
+    assert torch.equal(got["keep"], present)
+    assert torch.equal(_blank(got["rgb"]), ~present[:, 0])  # blank exactly where the RGB frame is missing
+    assert not bool(_blank(got["event"]).any())
+
+
+def test_dropout_blanks_one_modality_of_every_drawn_pair(
+    tiny_prepared: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    batch = _split_batch(tiny_prepared, "required")
+    got = _inputs(_step(tiny_prepared, modality_dropout=1.0), batch, monkeypatch)
+    keep = got["keep"]
+    assert bool((keep.sum(1) == 1).all())  # every true pair lost exactly one modality, none both
+    assert 0 < int(keep[:, 0].sum()) < len(keep)  # both sides drawn
+    assert torch.equal(_blank(got["rgb"]), ~keep[:, 0]) and bool(_blank(got["event"])[~keep[:, 1]].all())
+
+
+def test_dropout_is_reproducible_and_leaves_the_augmentation_alone(
+    tiny_prepared: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    batch = _split_batch(tiny_prepared, "any")
+    plain = _inputs(_step(tiny_prepared, pairs="any"), batch, monkeypatch)
+    step = _step(tiny_prepared, pairs="any", modality_dropout=0.5)
+    first = _inputs(step, batch, monkeypatch)
+    again = _inputs(step, batch, monkeypatch)  # a new generator of the same seed: the same draws
+    other = _inputs(step, batch, monkeypatch, seed=1)
+    assert torch.equal(first["keep"], again["keep"]) and not torch.equal(first["keep"], other["keep"])
+    dropped = ~first["keep"].all(1) & batch.present.all(1)
+    assert 0 < int(dropped.sum()) < int(batch.present.all(1).sum())
+    for k, kind in enumerate(("rgb", "event")):
+        kept = first["keep"][:, k]
+        assert torch.equal(first[kind][kept], plain[kind][kept]), kind  # the same augmented frames
+
+
+def test_runs_without_missing_or_dropped_modalities_do_not_blank(
+    tiny_prepared: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    step = _step(tiny_prepared)
+    got = _inputs(step, _split_batch(tiny_prepared, "required"), monkeypatch)
+    assert step.blanking is False and "keep" not in got and not bool(_blank(got["rgb"]).any())
+    assert _step(tiny_prepared, pairs="any", modality_dropout=0.5).blanking is True
