@@ -30,6 +30,30 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names the key (and file)."""
 
 
+AUTO_BATCH = -1
+"""A batch size of ``auto`` (also written -1, as Ultralytics' ``batch=-1``): the trainer picks the largest
+batch that fits (``engine.autobatch``) and records the number it picked."""
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""torch.compile modes a run may ask for."""
+
+
+def parse_batch(value: Any) -> int:
+    """A batch size: an integer >= 1, or ``auto`` / -1 (AUTO_BATCH); ValueError otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO_BATCH
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"expected an integer >= 1 or auto, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        raise ValueError(f"expected an integer >= 1 or auto, got {value!r}")
+    value = int(value)
+    if value != AUTO_BATCH and value < 1:
+        raise ValueError(f"must be >= 1 or auto, got {value}")
+    return value
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Names are snake_case; the seed tool's names are accepted too."""
@@ -50,7 +74,7 @@ class TrainConfig:
     init_epoch: int = 0
     freeze_epoch: int = 50
     unfreeze_epoch: int = 300
-    freeze_batch_size: int = 16
+    freeze_batch_size: int = 16  # AUTO_BATCH (-1, "auto" in files and flags): the largest that fits
     unfreeze_batch_size: int = 8
     freeze_train: bool = True  # run the freeze phase (backbones frozen) before unfreezing
     freeze_training: bool = False  # train the freeze phase only, then stop
@@ -82,6 +106,8 @@ class TrainConfig:
     fp16: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead / max-autotune record CUDA graphs
+    compile_cache: str = ""  # "" = $FREDFUSION_CACHE/compile, else ~/.cache/fredfusion/compile
     ema: bool = True
     num_workers: int = 2
     prefetch_factor: int = 2
@@ -135,8 +161,8 @@ FIELD_HELP: dict[str, str] = {
     "init_epoch": "epoch to start counting from",
     "freeze_epoch": "epochs of the freeze phase (backbones frozen)",
     "unfreeze_epoch": "total epochs of the run",
-    "freeze_batch_size": "batch size of the freeze phase",
-    "unfreeze_batch_size": "batch size after the freeze phase",
+    "freeze_batch_size": "batch size of the freeze phase (auto: the largest that fits)",
+    "unfreeze_batch_size": "batch size after the freeze phase (auto: the largest that fits)",
     "freeze_train": "run the freeze phase before unfreezing",
     "freeze_training": "train the freeze phase only, then stop",
     "freeze_untrained": "run the freeze phase even when the backbones start from random weights",
@@ -166,7 +192,10 @@ FIELD_HELP: dict[str, str] = {
     ),
     "fp16": "mixed precision on a GPU (bf16 where supported, else fp16)",
     "channels_last": "channels-last memory format",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile the model and the loss (persistent cache, see compile_cache)",
+    "compile_mode": "torch.compile mode; reduce-overhead and max-autotune record CUDA graphs (one process)",
+    "compile_cache": "folder of torch.compile's persistent cache (empty: $FREDFUSION_CACHE/compile, else "
+    "~/.cache/fredfusion/compile)",
     "ema": "keep an exponential moving average of the weights (evaluated and saved as best)",
     "num_workers": "loader worker processes",
     "prefetch_factor": "batches each loader worker reads ahead",
@@ -238,7 +267,10 @@ CHOICES = {
     "lr_decay_type": ("cos", "step", "linear"),
     "pairs": ("required", "dual", "any"),
     "best_metric": ("mAP50", "mAP50_95", "val_loss"),
+    "compile_mode": COMPILE_MODES,
 }
+BATCH_FIELDS = ("freeze_batch_size", "unfreeze_batch_size")
+"""The fields that take ``auto`` (stored as AUTO_BATCH until the trainer picks the number)."""
 
 
 def parse_bool(value: Any) -> bool:
@@ -270,6 +302,8 @@ def _coerce(name: str, value: Any, kind: Any = None) -> Any:
     try:
         if value is None:
             raise ValueError("a value is required (got null)")
+        if name in BATCH_FIELDS or name in ("batch_size", "batch"):
+            return parse_batch(value)
         if kind is bool:
             return parse_bool(value)
         if kind is int:
@@ -350,8 +384,6 @@ def _special(key: str, value: Any, current: dict[str, Any]) -> dict[str, Any]:
 RANGES: tuple[tuple[tuple[str, ...], float, float], ...] = (
     (
         (
-            "freeze_batch_size",
-            "unfreeze_batch_size",
             "eval_period",
             "log_interval",
             "nominal_batch",
@@ -403,6 +435,10 @@ def validate(cfg: TrainConfig, source: str = "") -> None:
         check_input_hw(cfg.input_shape, "input_shape")
     except ValueError as exc:
         raise ConfigError(f"{exc}{where}") from None
+    for name in BATCH_FIELDS:
+        value = getattr(cfg, name)
+        if value != AUTO_BATCH and not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"{name}: must be >= 1 or auto, got {value}{where}")
     for names, low, high in RANGES:
         for name in names:
             value = getattr(cfg, name)

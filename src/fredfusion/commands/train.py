@@ -11,6 +11,7 @@ from typing import Any
 
 from fredfusion.config import (
     ALIASES,
+    BATCH_FIELDS,
     CHOICES,
     FIELD_HELP,
     FIELDS,
@@ -19,11 +20,26 @@ from fredfusion.config import (
     apply_overrides,
     load_config,
     load_yaml,
+    parse_batch,
     parse_bool,
 )
 
-SPECIAL_FLAGS: dict[str, tuple[tuple[str, ...], type, str, str]] = {
-    "batch_size": (("--batch", "--batch_size", "--batch-size"), int, "N", "batch size of both phases"),
+
+def batch_arg(text: str) -> int:
+    """An argparse ``type``: a batch size, an integer >= 1 or ``auto`` (the message names the flag)."""
+    try:
+        return parse_batch(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+SPECIAL_FLAGS: dict[str, tuple[tuple[str, ...], Callable[[str], Any], str, str]] = {
+    "batch_size": (
+        ("--batch", "--batch_size", "--batch-size"),
+        batch_arg,
+        "N|auto",
+        "batch size of both phases (auto: the largest that fits, the lr scaled by batch / nominal_batch)",
+    ),
     "imgsz": (("--imgsz",), int, "W", "input width; the height follows at 16:9, rounded to 32 (640 -> 352)"),
     "out": (("--out",), str, "RUN_DIR", "the run folder (sets save_dir and name)"),
     "Min_lr": (("--Min_lr", "--min_lr", "--min-lr"), float, "LR", "final learning rate (sets min_lr_ratio)"),
@@ -61,6 +77,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
             kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
         elif name == "input_shape":
             kwargs.update(nargs=2, type=int, metavar=("H", "W"))
+        elif name in BATCH_FIELDS:
+            kwargs.update(type=batch_arg, metavar="N|auto")
         else:
             kwargs.update(type=kind if kind in (int, float) else str)
         p.add_argument(*spellings, **kwargs)

@@ -14,7 +14,7 @@ from fredfusion.config import TrainConfig
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.model import build_model, model_info
 from fredfusion.model.convert import layout_of, with_layout
-from fredfusion.model.weights import load_weights, read_weights
+from fredfusion.model.weights import BRANCHES, backbone_tensors, load_branch, load_weights, read_weights
 
 DEFAULT_RGB_WEIGHTS = Path("logs/fred_rgb/fred_rgb_best.pth")
 """A dual run without ``weights`` starts from these RGB weights when they exist (the old tool's order) ..."""
@@ -66,6 +66,9 @@ def start_weights_path(cfg: TrainConfig, log: Callable[[str], None]) -> Path | N
     if cfg.modality != "dual":
         log("weights: none given: random init")
         return None
+    if cfg.weights_rgb or cfg.weights_event:
+        log("weights: none given for the whole model: neck, head and fusion start at random")
+        return None
     coco = Path(COCO_WEIGHTS.format(size=cfg.model))
     order = f"{DEFAULT_RGB_WEIGHTS}, {coco}, random init"
     for path, what in ((DEFAULT_RGB_WEIGHTS, "an RGB run's best"), (coco, "the old tool's COCO-pretrained")):
@@ -79,16 +82,21 @@ def start_weights_path(cfg: TrainConfig, log: Callable[[str], None]) -> Path | N
 def build_run_model(
     cfg: TrainConfig, train_set: PreparedDataset, log: Callable[[str], None]
 ) -> tuple[nn.Module, StartWeights]:
-    """The run's model (on the CPU) in the backbone layout of its starting weights, and what those were.
+    """The run's model (on the CPU) in the backbone layout of its starting weights, and what those were:
+    ``weights`` (see ``start_weights_path``), then ``weights_rgb`` / ``weights_event`` into their backbone.
 
-    A weights file that is missing, unreadable or of no known layout is a CheckpointError naming it.
+    A weights file that is missing, unreadable or of no known layout, or a backbone file of another
+    modality, family or size (``model.weights.load_branch``), is a CheckpointError naming it.
     """
     path = start_weights_path(cfg, log)
     source = read_weights(path) if path is not None else None
+    branches = {b: Path(p) for b in BRANCHES if (p := getattr(cfg, f"weights_{b}"))}
+    branch_sources = {b: read_weights(p) for b, p in branches.items()}
+    layouts = [s.layout for s in (source, *branch_sources.values()) if s is not None]
     h, w = int(cfg.input_shape[0]), int(cfg.input_shape[1])
     anchors = run_anchors(cfg, train_set, log) if cfg.arch == "yolov5" else None
     model = build_model(cfg.modality, cfg.model, cfg.fusion, num_classes=1, anchors=anchors, arch=cfg.arch)
-    model = with_layout(model, source.layout if source is not None else "v6")
+    model = with_layout(model, layouts[0] if layouts else "v6")
     info = model_info(model, (h, w))
     layout = ", YOLOv5 v5.0 backbone layout (as its weights)" if layout_of(model) == "v5" else ""
     family = "" if cfg.arch == "yolov5" else f" ({cfg.arch})"
@@ -97,9 +105,18 @@ def build_run_model(
         f"model: {cfg.modality} YOLO-{cfg.model}{family} fusion={fusion} "
         f"params {info['params'] / 1e6:.2f}M, {info['gflops']:.1f} GFLOPs at {w}x{h}{layout}"
     )
-    if source is None:
+    if source is None and not branches:
         return model, StartWeights("random init (no weights)", False)
-    report = load_weights(model, source)
-    for line in report.lines(path):
-        log(line)
-    return model, StartWeights(f"{len(report.loaded)}/{report.total} tensors from {path}", report.backbones)
+    summary, loaded = [], set()
+    if source is not None:
+        report = load_weights(model, source)
+        for line in report.lines(path):
+            log(line)
+        summary.append(f"{len(report.loaded)}/{report.total} tensors from {path}")
+        loaded.update(report.loaded)
+    for branch, branch_path in branches.items():
+        part = load_branch(model, branch_sources[branch], branch, branch_path)
+        log(part.line(branch_path))
+        summary.append(f"backbone_{branch} from {branch_path}")
+        loaded.update(part.loaded)
+    return model, StartWeights("; ".join(summary), set(backbone_tensors(model)) <= loaded)

@@ -27,10 +27,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fredfusion.config import ConfigError, TrainConfig, save_config
+from fredfusion.config import AUTO_BATCH, ConfigError, TrainConfig, save_config
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.frames import BadFrameError
 from fredfusion.data.loader import BatchLoader, DeviceBatch
+from fredfusion.engine.autobatch import AutoBatch, resolve_auto_batches
 from fredfusion.engine.batchnorm import recalibrate_batchnorm
 from fredfusion.engine.checkpoint import (
     claim_run_dir,
@@ -38,6 +39,7 @@ from fredfusion.engine.checkpoint import (
     resume_training,
     save_training_checkpoints,
 )
+from fredfusion.engine.compiled import CompileClock, check_compile_mode, compile_callable, use_compile_cache
 from fredfusion.engine.ema import unwrap
 from fredfusion.engine.errors import TrainingStopped
 from fredfusion.engine.memory import training_need
@@ -78,6 +80,9 @@ class Trainer:
         self._phase_steps = 0  # steps done since the current phase (batch size) started
         self._saved_epoch: int | None = None  # epoch of the last checkpoint on disk
         self._freeze_backbones = True  # False when they start from random weights (see _build_model)
+        self._auto_picks: dict[bool, AutoBatch] = {}  # phase (frozen) -> batch auto picked
+        self._compile_cache = ""  # the persistent compile cache folder (compile only)
+        self._compile_clock: CompileClock | None = None  # times the first compiled step of a phase
 
     def log(self, message: str) -> None:
         """Print ``message`` on the main process."""
@@ -134,7 +139,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.cfg.compile:
-            model = torch.compile(model)
+            model = compile_callable(model, self.cfg.compile_mode)
         return model
 
     def _loader(self, dataset: PreparedDataset, batch: int, epoch_batches: int | None) -> BatchLoader:
@@ -195,6 +200,11 @@ class Trainer:
         end_epoch = cfg.freeze_epoch if cfg.freeze_training else cfg.unfreeze_epoch
         if cfg.quick_test:
             end_epoch = cfg.init_epoch + 1
+        self._auto_batch(model, end_epoch)
+        cfg = self.cfg
+        if cfg.compile:
+            check_compile_mode(cfg.compile_mode, self.dist.world_size)
+            self._compile_cache = str(use_compile_cache(cfg.compile_cache))
         self.step = TrainStep(
             cfg,
             model,
@@ -204,6 +214,12 @@ class Trainer:
             optimizer_choice=self._optimizer_choice(end_epoch),
             world_size=self.dist.world_size,
         )
+        for frozen, pick in self._auto_picks.items():
+            batch = cfg.freeze_batch_size if frozen else cfg.unfreeze_batch_size
+            self.log(
+                f"batch auto: {'freeze' if frozen else 'unfreeze'} phase batch {batch}, base lr "
+                f"{self.step.base_lr(batch):.2e} by the nominal-batch rule ({pick.detail})"
+            )
         self._check_memory(end_epoch)
         self.schedule = LRSchedule(
             total_epochs=float(end_epoch - cfg.init_epoch if cfg.quick_test else end_epoch),
@@ -227,6 +243,33 @@ class Trainer:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         return summary
+
+    def _auto_batch(self, model: nn.Module, end_epoch: int) -> None:
+        """Replace ``auto`` batch sizes by the largest that fit (``engine.autobatch``), the smallest pick
+        over the processes under torchrun; the config (saved, resumed) holds the numbers picked."""
+        cfg = self.cfg
+        if AUTO_BATCH not in (cfg.freeze_batch_size, cfg.unfreeze_batch_size):
+            return
+        new, picks = resolve_auto_batches(
+            cfg,
+            model,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            store_hw=self.data.train.store_hw,
+            train_images=len(self.data.train),
+            phases={self._phase(e)[0] for e in range(cfg.init_epoch, end_epoch)},
+            world_size=self.dist.world_size,
+        )
+        if self.dist.world_size > 1:
+            sizes = torch.tensor([new.freeze_batch_size, new.unfreeze_batch_size], device=self.device)
+            torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MIN)
+            new = dataclasses.replace(new, freeze_batch_size=int(sizes[0]), unfreeze_batch_size=int(sizes[1]))
+            picks = {
+                k: AutoBatch(v.batch, f"{v.detail}; the smallest over the processes")
+                for k, v in picks.items()
+            }
+        self.cfg = new
+        self._auto_picks = picks
 
     def _check_memory(self, end_epoch: int) -> None:
         """On a CPU: the memory a step of the largest phase batch will add, against what is free, in one
@@ -304,6 +347,9 @@ class Trainer:
                 base_lr = self.step.base_lr(batch)
                 current_phase = (frozen, batch)
                 self._phase_steps = 0
+                if cfg.compile:
+                    what = f"the first {'freeze' if frozen else 'unfreeze'} step at batch {batch}"
+                    self._compile_clock = CompileClock(self.device, what, self._compile_cache)
                 self.log(
                     f"phase: {'freeze (backbones frozen)' if frozen else 'unfreeze'} from epoch "
                     f"{epoch + 1}, batch {batch}, base lr {base_lr:.2e}"
@@ -414,7 +460,16 @@ class Trainer:
         """``TrainStep.run``; out of memory leaves the epoch as _OutOfMemory."""
         failed = None
         try:
-            return self.step.run(wrapped, batch, special, generator)
+            clock = self._compile_clock
+            if clock is None:
+                return self.step.run(wrapped, batch, special, generator)
+            with clock:
+                result = self.step.run(wrapped, batch, special, generator)
+            self._compile_clock = None
+            if clock.report is not None:
+                self.log(clock.report.line())
+                self.checks["compile"] = clock.report.line().removeprefix("compile: ")
+            return result
         except torch.OutOfMemoryError as exc:
             failed = str(exc).splitlines()[0] if str(exc) else "out of memory"
         raise _OutOfMemory(self._phase_steps, failed)

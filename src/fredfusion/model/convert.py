@@ -106,6 +106,7 @@ class Converted:
     size: str | None = None
     num_classes: int | None = None
     unknown: list[str] = field(default_factory=list)  # source keys with no place in these models
+    arch: str | None = None  # detector family; None: fredfusion weights that do not say
 
 
 def parse_anchors(text: str) -> torch.Tensor:
@@ -178,7 +179,13 @@ def _from_old_tool(src: Mapping[str, torch.Tensor], anchors: torch.Tensor) -> Co
     state["anchors"] = anchors
     kind = "the old tool's " + ("YoloFusionBody, concat fusion" if fusion else "YoloBody")
     return Converted(
-        state, kind, "v5", "dual" if fusion else None, "concat" if fusion else None, unknown=unknown
+        state,
+        kind,
+        "v5",
+        "dual" if fusion else None,
+        "concat" if fusion else None,
+        unknown=unknown,
+        arch="yolov5",
     )
 
 
@@ -203,7 +210,11 @@ def _from_official(src: Mapping[str, torch.Tensor]) -> Converted:
         elif not (index == 24 and rest == "anchor_grid"):
             unknown.append(key)
     return Converted(
-        state, f"a YOLOv5 {'v5.0' if layout == 'v5' else 'v6'} state dict", layout, unknown=unknown
+        state,
+        f"a YOLOv5 {'v5.0' if layout == 'v5' else 'v6'} state dict",
+        layout,
+        unknown=unknown,
+        arch="yolov5",
     )
 
 

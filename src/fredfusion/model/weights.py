@@ -106,6 +106,7 @@ def read_weights(path: Path, anchors: torch.Tensor | None = None) -> Converted:
     if isinstance(meta, dict):
         out.modality, out.fusion = meta.get("modality", out.modality), meta.get("fusion", out.fusion)
         out.size, out.num_classes = meta.get("size", out.size), meta.get("num_classes", out.num_classes)
+        out.arch = str(meta.get("arch", "yolov5"))  # checkpoints before the second family: yolov5
         out.kind = "a fredfusion checkpoint"
     return out
 
@@ -215,6 +216,85 @@ def load_weights(model: torch.nn.Module, source: Converted) -> LoadReport:
         backbones=bool(backbone) and all(n in set(loaded) for n in backbone),
         shared_backbone=hasattr(model, "backbone_rgb") and any(k.startswith("backbone.") for k in src),
     )
+
+
+BRANCHES: tuple[str, ...] = ("rgb", "event")
+"""The backbones of a dual model with two of them, named after the frames they read."""
+
+
+def backbone_tensors(model: torch.nn.Module) -> list[str]:
+    """The state-dict names of the model's backbone tensors (what the freeze phase needs loaded)."""
+    return [n for n in model.state_dict() if _BACKBONE.match(n)]
+
+
+@dataclass
+class BranchReport:
+    """What ``load_branch`` did: the backbone it filled, its tensors (all from the file) and the file."""
+
+    branch: str
+    loaded: list[str]
+    kind: str
+    said: str  # what the file says it is, e.g. "rgb YOLO-n yolov5"
+
+    def line(self, path: Path) -> str:
+        """One summary line, like the ``weights:`` one."""
+        return (
+            f"weights_{self.branch}: loaded {len(self.loaded)}/{len(self.loaded)} backbone_{self.branch} "
+            f"tensors from {path} ({self.kind}, {self.said}; its neck and head not used)"
+        )
+
+
+def _branch_mismatch(model: torch.nn.Module, source: Converted, branch: str) -> str | None:
+    """Why ``source`` cannot initialise the model's ``branch`` backbone (None: it can)."""
+    arch = getattr(model, "arch", "yolov5")
+    if source.modality == "dual":
+        return f"a dual model's checkpoint; --weights_{branch} takes an {branch} model's (dual: --weights)"
+    if source.modality not in (None, branch):
+        return f"an {source.modality} model's checkpoint, not an {branch} one (--weights_{branch})"
+    if source.arch not in (None, arch):
+        return f"a {source.arch} checkpoint; this run's family is --arch {arch}"
+    if source.size not in (None, model.size):
+        return f"a YOLO-{source.size} checkpoint; this run's model is YOLO-{model.size} (--model)"
+    return None
+
+
+def load_branch(model: torch.nn.Module, source: Converted, branch: str, path: Path) -> BranchReport:
+    """Copy the backbone of a single-modality checkpoint (``source``, read by ``read_weights``) into the
+    ``backbone_<branch>`` of a dual model with two backbones, every tensor or none.
+
+    A file of another modality (or a dual one), family or size, or whose backbone tensors do not all fit
+    by name and shape, is a CheckpointError naming ``path`` (one line); a model without that backbone
+    a ValueError.
+    """
+    if branch not in BRANCHES or not hasattr(model, f"backbone_{branch}"):
+        raise ValueError(f"--weights_{branch}: the model has no backbone_{branch} (dual, two backbones)")
+    why = _branch_mismatch(model, source, branch)
+    prefix = f"backbone_{branch}."
+    own = {n: t for n, t in model.state_dict().items() if n.startswith(prefix)}
+    pairs = {n: source.state.get("backbone." + n[len(prefix) :]) for n in own}
+    misfit = [n for n, v in pairs.items() if v is None or v.shape != own[n].shape]
+    if why is None and misfit:
+        layouts = {"v5": "YOLOv5 v5.0", "v6": "v6"}
+        hint = (
+            f"; its backbone layout is {layouts[source.layout]}, the model's {layouts[layout_of(model)]}"
+            if source.layout != layout_of(model)
+            else ""
+        )
+        why = (
+            f"its backbone does not fit backbone_{branch}: {len(misfit)} of {len(own)} tensors missing or of "
+            f"another shape (first: backbone.{misfit[0][len(prefix) :]}){hint}"
+        )
+    if why is not None:
+        raise CheckpointError(f"{path}: {why}")
+    with torch.no_grad():
+        for name, dst in own.items():
+            dst.copy_(pairs[name])  # type: ignore[arg-type]
+    said = " ".join(
+        [source.modality or "a model that does not say its sensor"]
+        + ([f"YOLO-{source.size}"] if source.size else [])
+        + ([source.arch] if source.arch else [])
+    )
+    return BranchReport(branch, list(own), source.kind, said)
 
 
 def input_hw_of(payload: dict[str, Any], given: Any = None, source: str = "checkpoint") -> tuple[int, int]:
