@@ -112,3 +112,38 @@ def test_runs_without_missing_or_dropped_modalities_do_not_blank(
     got = _inputs(step, _split_batch(tiny_prepared, "required"), monkeypatch)
     assert step.blanking is False and "keep" not in got and not bool(_blank(got["rgb"]).any())
     assert _step(tiny_prepared, pairs="any", modality_dropout=0.5).blanking is True
+
+
+def test_resume_with_unpaired_images_and_dropout_is_bit_exact(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """Two epochs straight equal one epoch, a stop, and --resume, bit for bit: the dropout draws are a
+    function of (seed, epoch) like the augmentation."""
+    from fredfusion.engine.trainer import Trainer
+    from fredfusion.model.weights import load_checkpoint
+    from shared import same_bits
+
+    def cfg(run: str, **extra: Any) -> Any:
+        return load_config(
+            overrides={**TINY_TRAIN, "data": str(tiny_prepared), "save_dir": str(tmp_path / run),
+                       "unfreeze_epoch": 2, "pairs": "any", "modality_dropout": 0.5, "no_eval_map": True,
+                       "precise_bn": 0, "device": "cpu", **extra}
+        )  # fmt: skip
+
+    Trainer(cfg("a")).fit()
+    original = Trainer._end_epoch
+
+    def stop_after_first(self: Trainer, epoch: int, *args: Any, **kwargs: Any) -> Any:
+        original(self, epoch, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_end_epoch", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg("b")).fit()
+    monkeypatch.setattr(Trainer, "_end_epoch", original)
+    Trainer(cfg("b", resume=True)).fit()
+    a, b = (load_checkpoint(tmp_path / run / "dual" / "last.pth") for run in ("a", "b"))
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("model", "ema"):
+        differ = [name for name, value in a[key].items() if not same_bits(b[key][name], value)]
+        assert not differ, f"{key}: {differ[:5]}"
