@@ -101,7 +101,7 @@ class TrainConfig:
     hsv_h: float = 0.015
     hsv_s: float = 0.7
     hsv_v: float = 0.4
-    modality_dropout: float = 0.0  # dual: share of the true pairs of a batch with RGB or events blanked
+    modality_dropout: float = 0.0  # dual: chance that a true pair trains with RGB or events blanked
     # precision and speed
     fp16: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
     channels_last: bool = True
@@ -187,7 +187,7 @@ FIELD_HELP: dict[str, str] = {
     "hsv_s": "saturation jitter of RGB frames",
     "hsv_v": "value (brightness) jitter of RGB frames",
     "modality_dropout": (
-        "share of the true pairs of each batch trained with one modality blanked "
+        "share of the true pairs trained with one modality blanked, drawn per sample and step "
         "(dual models; blank = all zeros, RGB or events 50/50)"
     ),
     "fp16": "mixed precision on a GPU (bf16 where supported, else fp16)",
