@@ -22,6 +22,7 @@ LAYER_OF = {
     "show": "tools",
     "export": "tools",
     "bench": "tools",
+    "ablation": "tools",
     "commands": "commands",
     "cli": "commands",
     "seed_compat": "commands",

@@ -16,5 +16,6 @@ NAMES: tuple[str, ...] = (
     "convert",
     "demo",
     "bench",
+    "ablate",
 )
 """The commands, in the order ``fredfusion --help`` lists them (module ``fredfusion.commands.<name>``)."""
