@@ -265,33 +265,21 @@ def run(args: argparse.Namespace) -> int:
     weights = list(args.weights or []) + list(args.compare or [])
     if not weights:
         raise ConfigError("eval: give --weights W (or --compare W1 W2 ...)")
-    if args.late_event is not None:
-        if len(weights) != 1:
-            raise ConfigError("--late-event: give one rgb checkpoint with --weights (no --compare)")
-        evaluate_late(
-            weights[0],
-            args.late_event,
-            data=args.data,
-            split=args.split,
-            batch=args.batch,
-            conf=args.conf,
-            iou=args.iou,
-            input_hw=flags.input_hw(args),
-            device=args.device,
-            workers=args.workers,
-            out=args.out,
-        )
-        return 0
-    evaluate_checkpoints(
-        weights,
-        data=args.data,
-        split=args.split,
-        batch=args.batch,
-        conf=args.conf,
-        iou=args.iou,
-        input_hw=flags.input_hw(args),
-        device=args.device,
-        workers=args.workers,
-        out=args.out,
-    )
+    common = {
+        "data": args.data,
+        "split": args.split,
+        "batch": args.batch,
+        "conf": args.conf,
+        "iou": args.iou,
+        "input_hw": flags.input_hw(args),
+        "device": args.device,
+        "workers": args.workers,
+        "out": args.out,
+    }
+    if args.late_event is None:
+        evaluate_checkpoints(weights, **common)
+    elif len(weights) != 1:
+        raise ConfigError("--late-event: give one rgb checkpoint with --weights (no --compare)")
+    else:
+        evaluate_late(weights[0], args.late_event, **common)
     return 0
