@@ -214,7 +214,10 @@ class TrialSteps:
         for module in self.model.backbone_modules() if frozen else []:
             module.eval()
         choice = ("adamw", None) if cfg.optimizer in ("auto", "adam", "adamw") else (cfg.optimizer, None)
-        self.step = TrainStep(cfg, self.model, 1, device=device, amp_dtype=amp_dtype, optimizer_choice=choice)
+        eager = dataclasses.replace(cfg, compile=False)  # a compiled loss would compile at every batch tried
+        self.step = TrainStep(
+            eager, self.model, 1, device=device, amp_dtype=amp_dtype, optimizer_choice=choice
+        )
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(cfg.seed)
 

@@ -187,6 +187,9 @@ class Trainer:
         Raises TrainingStopped (a SystemExit with the reason) on the faults listed in the module notes.
         """
         cfg = self.cfg
+        if cfg.compile:  # before any work: an unusable cache folder stops here, and nothing compiled yet
+            check_compile_mode(cfg.compile_mode, self.dist.world_size)
+            self._compile_cache = str(use_compile_cache(cfg.compile_cache))
         self.dist.init(self.device)
         if not cfg.resume and not cfg.exist_ok:
             self._claim_run_dir()
@@ -202,9 +205,6 @@ class Trainer:
             end_epoch = cfg.init_epoch + 1
         self._auto_batch(model, end_epoch)
         cfg = self.cfg
-        if cfg.compile:
-            check_compile_mode(cfg.compile_mode, self.dist.world_size)
-            self._compile_cache = str(use_compile_cache(cfg.compile_cache))
         self.step = TrainStep(
             cfg,
             model,
