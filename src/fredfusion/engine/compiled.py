@@ -55,8 +55,14 @@ def use_compile_cache(setting: str = "") -> Path:
     """Point Inductor's local caches at ``compile_cache_dir(setting)`` (created) and keep them on; returns
     the folder. Call before the first compilation of the process; a cache turned off through PyTorch's
     own variables (``TORCHINDUCTOR_FX_GRAPH_CACHE=0``, ``TORCHINDUCTOR_AUTOGRAD_CACHE=0``) stays off.
-    An unusable folder is a ConfigError naming it."""
+    An unusable folder is a ConfigError naming it: one that cannot be written, or a path with white space
+    (Inductor's C++ compiler command line splits it: the first compilation fails)."""
     folder = compile_cache_dir(setting)
+    if any(char.isspace() for char in str(folder)):
+        raise ConfigError(
+            f"compile cache {folder}: a path with white space breaks Inductor's compiler calls; set "
+            f"--compile_cache or ${CACHE_ENV} to a folder without spaces"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write_test.{os.getpid()}"
