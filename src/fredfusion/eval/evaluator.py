@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,7 +16,13 @@ import torch
 from fredfusion.eval.coco_metrics import CocoResult, coco_map
 from fredfusion.spec import DEFAULT_INPUT_HW, NMS_IOU, model_inputs
 
-__all__ = ["EvalResult", "evaluate", "predict_frames", "restrict_gt"]
+if TYPE_CHECKING:
+    from fredfusion.model.postprocess import DenseDetections
+
+__all__ = ["IN_FLIGHT", "EvalResult", "evaluate", "predict_frames", "restrict_gt"]
+
+#: Batches launched on the device before the host converts the rows of the oldest (``evaluate``).
+IN_FLIGHT = 2
 
 
 @dataclass
@@ -24,8 +31,10 @@ class EvalResult:
 
     ``metrics`` holds the COCO numbers (mAP50_95, mAP50, mAP75, APs, APm, APl, AR1, AR10, AR100,
     ARs, ARm, ARl; None when mAP was not computed) plus ``images``, ``pairs_per_s`` (inference +
-    NMS only), ``infer_s``, ``wait_s`` (time waiting for the loader), ``metrics_s`` and
-    ``val_loss`` (None when not computed). ``coco`` keeps the full COCO result (precision array).
+    NMS only: ``images / infer_s``), ``infer_s`` (the batches' device stage: letterbox, model, NMS,
+    the copy to the host; CUDA events on a GPU), ``wait_s`` (time waiting for the loader),
+    ``wall_s`` (the whole loop: loading, device and host stages), ``metrics_s`` and ``val_loss``
+    (None when not computed). ``coco`` keeps the full COCO result (precision array).
     """
 
     metrics: dict[str, Any]
@@ -59,11 +68,6 @@ def _num(x: Any) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _modality(model: torch.nn.Module) -> str:
     """The modality of ``model`` (dual when it does not say)."""
     return str(getattr(model, "modality", "dual"))
@@ -80,35 +84,122 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _channels_last(model: torch.nn.Module) -> bool:
+    """Whether ``model`` keeps its convolution weights channels-last (its first weight with a kernel
+    wider than 1 says; 1x1 weights look the same in both layouts)."""
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[-1] * p.shape[-2] > 1:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
+def _forward(
+    model: torch.nn.Module,
+    rgb: torch.Tensor | None,
+    event: torch.Tensor | None,
+    input_hw: tuple[int, int],
+    targets: torch.Tensor | None = None,
+    autocast: torch.autocast | None = None,
+    channels_last: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor | None, tuple[float, float, float]]:
+    """Letterbox uint8 frames into ``input_hw`` (channels-last when asked) and run the model (inside
+    ``autocast`` when given).
+
+    Returns the float32 raw predictions, the letterboxed ``targets`` and ``(pad_x, pad_y, letterbox
+    scale)``.
+    """
+    letterbox_batch = _components()[1]
+    rgb_f, event_f, targets_lb, (pad_x, pad_y), lb_scale = letterbox_batch(
+        rgb, event, tuple(input_hw), targets
+    )
+    if channels_last:
+        rgb_f, event_f = (
+            None if x is None else x.contiguous(memory_format=torch.channels_last) for x in (rgb_f, event_f)
+        )
+    with autocast if autocast is not None else contextlib.nullcontext():
+        preds = model(rgb_f, event_f)
+    preds = [p.float() for p in preds]
+    return preds, targets_lb, (_num(pad_x), _num(pad_y), _num(lb_scale))
+
+
 def _detect(
     model: torch.nn.Module,
     rgb: torch.Tensor | None,
     event: torch.Tensor | None,
     input_hw: tuple[int, int],
     nms: tuple[float, float, int],
-    targets: torch.Tensor | None = None,
-    autocast: torch.autocast | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None, tuple[float, float, float]]:
-    """Letterbox uint8 frames into ``input_hw``, run the model (inside ``autocast`` when given), decode
-    and NMS (``nms``: conf, iou, max_det) on the device.
+) -> tuple[list[torch.Tensor], tuple[float, float, float]]:
+    """:func:`_forward`, then decode and NMS (``nms``: conf, iou, max_det) on the device: the kept boxes
+    per image and ``(pad_x, pad_y, letterbox scale)``."""
+    preds, _, pads = _forward(model, rgb, event, input_hw)
+    return _components()[2](model.decode(preds), *nms), pads
 
-    Returns the kept boxes per image, the float32 raw predictions, the letterboxed ``targets`` and
-    ``(pad_x, pad_y, letterbox scale)``.
-    """
-    _, letterbox_batch, non_max_suppression = _components()
-    rgb_f, event_f, targets_lb, (pad_x, pad_y), lb_scale = letterbox_batch(
-        rgb, event, tuple(input_hw), targets
-    )
-    with autocast if autocast is not None else contextlib.nullcontext():
-        preds = model(rgb_f, event_f)
-    preds = [p.float() for p in preds]
-    out = non_max_suppression(model.decode(preds), *nms)
-    return out, preds, targets_lb, (_num(pad_x), _num(pad_y), _num(lb_scale))
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the host: a device tensor is copied into pinned memory without waiting for the copy
+    (an event recorded after it says when it is there); a host tensor is returned as it is."""
+    if t.device.type == "cpu":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
+class _Clock:
+    """The time of a batch's device stage: CUDA events on a GPU (read once the stage has run, so the
+    host never waits for them), the wall clock elsewhere (where the stage runs as it is called)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.begin: torch.cuda.Event | None = None
+        self.end: torch.cuda.Event | None = None
+        self.wall = 0.0
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.wall = time.perf_counter()
+
+    def stop(self) -> None:
+        """Mark the end of the stage (on a GPU: after everything queued so far, copies included)."""
+        if self.cuda:
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.end.record()
+        else:
+            self.wall = time.perf_counter() - self.wall
+
+    def wait(self) -> float:
+        """Wait until the stage has run on the device; its seconds."""
+        if not self.cuda:
+            return self.wall
+        assert self.begin is not None and self.end is not None
+        self.end.synchronize()
+        return self.begin.elapsed_time(self.end) / 1000.0
+
+
+@dataclass
+class _Flight:
+    """A batch between its device stage and its host stage: image ids, the packed rows on their way to
+    the host (every candidate with ``keep``/``converged`` for dense NMS), and the device result that
+    finishes an unconverged dense NMS."""
+
+    ids: np.ndarray
+    rows: torch.Tensor
+    clock: _Clock
+    keep: torch.Tensor | None = None
+    converged: torch.Tensor | None = None
+    dense: DenseDetections | None = None
 
 
 @dataclass
 class _Pass:
-    """One evaluation pass over a dataset: its settings and what its batches added up to."""
+    """One evaluation pass over a dataset: its settings and what its batches added up to.
+
+    Each batch has a device stage (:meth:`launch`: letterbox, model, decode, NMS, packing, the copy of
+    the rows to the host) and a host stage (:meth:`land`: the rows as COCO results). ``in_flight``
+    batches are launched before the oldest lands, so on a GPU the device works on the next batches
+    while the host converts the rows of an earlier one; 0 lands each batch before the next starts.
+    """
 
     model: torch.nn.Module
     device: torch.device
@@ -118,10 +209,14 @@ class _Pass:
     loss_fn: Callable | None
     scale: float  # store pixels per original pixel
     orig_wh: tuple[int, int]
+    dense: bool = False
+    in_flight: int = 0
+    channels_last: bool = False
     detections: list[dict] = field(default_factory=list)
     seen_ids: list[np.ndarray] = field(default_factory=list)
     infer_s: float = 0.0
     wait_s: float = 0.0
+    wall_s: float = 0.0
     loss_sum: torch.Tensor | None = None
     n_done: int = 0
 
@@ -140,59 +235,85 @@ class _Pass:
             max_batches=math.ceil(n_total / batch_size),
         )
         bar = None
+        flights: deque[_Flight] = deque()
         try:
             if progress:
                 from tqdm import tqdm
 
                 bar = tqdm(total=n_total, desc="eval", unit="img")
-            tick = time.perf_counter()
+            start = tick = time.perf_counter()
             for batch in loader:
                 self.wait_s += time.perf_counter() - tick
                 keep = min(len(batch.ids), n_total - self.n_done)
                 if keep <= 0:
                     break
-                self.add(batch, keep)
-                if bar is not None:
-                    bar.update(keep)
+                flights.append(self.launch(batch, keep))
+                while len(flights) > self.in_flight:
+                    self.land(flights.popleft(), bar)
                 if self.n_done >= n_total:
                     break
                 tick = time.perf_counter()
+            while flights:
+                self.land(flights.popleft(), bar)
+            self.wall_s = time.perf_counter() - start
         finally:
             if bar is not None:
                 bar.close()
 
-    def add(self, batch: Any, keep: int) -> None:
-        """Infer the first ``keep`` images of a loader batch; add their detections, ids, loss and time.
-
-        The kept boxes come back in one device-to-host copy.
-        """
+    def launch(self, batch: Any, keep: int) -> _Flight:
+        """Device stage of the first ``keep`` images of a loader batch; adds their loss. On a GPU nothing
+        here waits for the device (with dense NMS): the rows come back by one copy per tensor into
+        pinned memory, which :meth:`land` waits for."""
         ids = batch.ids[:keep].cpu().numpy().astype(np.int64)
         rgb = batch.rgb[:keep] if batch.rgb is not None else None
         event = batch.event[:keep] if batch.event is not None else None
         targets = batch.targets
         if targets is not None and keep < len(batch.ids):
-            targets = targets[targets[:, 0] < keep]
+            targets = targets[targets[:, 0] < keep]  # a cut last batch only (max_images)
         rgb, event = model_inputs(_modality(self.model), rgb, event)
 
-        _sync(self.device)
-        t0 = time.perf_counter()
+        clock = _Clock(self.device)
         amp = self.amp_dtype is not None
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp)
         lb_targets = targets if self.loss_fn is not None else None
-        out, preds, targets_lb, (pad_x, pad_y, lb_scale) = _detect(
-            self.model, rgb, event, self.input_hw, self.nms, lb_targets, autocast
+        preds, targets_lb, (pad_x, pad_y, lb_scale) = _forward(
+            self.model, rgb, event, self.input_hw, lb_targets, autocast, self.channels_last
         )
-        packed = _pack(out, pad_x, pad_y, lb_scale * self.scale, *self.orig_wh)
-        packed_np = packed.cpu().numpy()  # the one device -> host copy of this batch
-        self.infer_s += time.perf_counter() - t0
+        decoded = self.model.decode(preds)
+        scale = lb_scale * self.scale
+        if self.dense:
+            from fredfusion.model.postprocess import dense_nms
 
-        self.detections.extend(_to_coco(packed_np, ids))
+            dets = dense_nms(decoded, *self.nms)
+            rows = _pack_dense(dets.rows(), pad_x, pad_y, scale, *self.orig_wh)
+            flight = _Flight(ids, _to_host(rows), clock, _to_host(dets.keep), _to_host(dets.converged), dets)
+        else:
+            out = _components()[2](decoded, *self.nms)
+            flight = _Flight(ids, _to_host(_pack(out, pad_x, pad_y, scale, *self.orig_wh)), clock)
+        clock.stop()
         if self.loss_fn is not None:
             loss, _parts = self.loss_fn(preds, targets_lb)
             term = loss.detach().float().reshape(-1).sum()  # YoloLoss returns the batch sum
             self.loss_sum = term if self.loss_sum is None else self.loss_sum + term
-        self.seen_ids.append(ids)
         self.n_done += keep
+        return flight
+
+    def land(self, flight: _Flight, bar: Any = None) -> None:
+        """Host stage of a launched batch: wait for its rows, add them as COCO results, its ids and time."""
+        self.infer_s += flight.clock.wait()
+        rows = flight.rows.numpy()
+        if flight.dense is not None:
+            assert flight.keep is not None and flight.converged is not None
+            keep = flight.keep
+            if not bool(flight.converged):  # a host tensor: the rare batch settle() finishes
+                from fredfusion.model.postprocess import settle
+
+                keep = settle(flight.dense, self.nms[1], self.nms[2]).keep.cpu()
+            rows = rows.reshape(-1, rows.shape[-1])[keep.numpy().reshape(-1)]
+        self.detections.extend(_to_coco(rows, flight.ids))
+        self.seen_ids.append(flight.ids)
+        if bar is not None:
+            bar.update(len(flight.ids))
 
     def result(self, coco: dict, compute_map: bool) -> EvalResult:
         """Metrics of the pass against the images of ``coco`` it saw."""
@@ -204,6 +325,7 @@ class _Pass:
             "pairs_per_s": n_done / self.infer_s if self.infer_s > 0 else 0.0,
             "infer_s": self.infer_s,
             "wait_s": self.wait_s,
+            "wall_s": self.wall_s,
             "val_loss": float(loss_sum.item()) / n_done if loss_sum is not None and n_done else None,
         }
         t0 = time.perf_counter()
@@ -233,14 +355,21 @@ def evaluate(
     num_workers: int = 0,
     progress: bool = False,
     compute_map: bool = True,
+    dense: bool | None = None,
+    in_flight: int | None = None,
 ) -> EvalResult:
     """Run the model over ``dataset`` in order and score it with COCO metrics.
 
     Frames are letterboxed into ``input_hw`` on the device; decode and NMS run on the device for the
-    whole batch and the kept boxes come back in one device-to-host copy per batch, mapped to original
+    whole batch and the kept boxes come back by one device-to-host copy per batch, mapped to original
     pixels (``(x - pad) / letterbox_scale / dataset.scale``, clipped to the image). ``loss_fn``
     (``YoloLoss``) adds ``val_loss`` (per-image mean of the batch losses). The model is put in eval
     mode and its previous mode restored.
+
+    ``dense`` (default: on a GPU) runs NMS as ``model.postprocess.dense_nms``, which needs no host
+    sync; the inputs go channels-last on a GPU when the model's weights are. ``in_flight`` batches
+    (default 2; 0: none) are launched before the rows of the oldest are converted on the host. The
+    detections do not depend on either setting's overlap: the same computations run in another order.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -249,9 +378,21 @@ def evaluate(
     device = torch.device(device)
     orig_h, orig_w = (int(v) for v in dataset.orig_hw)
     n_total = len(dataset.ids) if max_images is None else min(int(max_images), len(dataset.ids))
+    if in_flight is not None and in_flight < 0:
+        raise ValueError(f"in_flight must be >= 0, got {in_flight}")
     nms = (conf, iou, max_det)
     run = _Pass(
-        model, device, tuple(input_hw), nms, amp_dtype, loss_fn, float(dataset.scale), (orig_w, orig_h)
+        model,
+        device,
+        tuple(input_hw),
+        nms,
+        amp_dtype,
+        loss_fn,
+        float(dataset.scale),
+        (orig_w, orig_h),
+        dense=device.type == "cuda" if dense is None else bool(dense),
+        in_flight=IN_FLIGHT if in_flight is None else int(in_flight),
+        channels_last=device.type == "cuda" and _channels_last(model),
     )
     with _eval_mode(model):
         if n_total > 0:
@@ -287,7 +428,7 @@ def predict_frames(
     ref = r if r is not None else e
     h, w = int(ref.shape[2]), int(ref.shape[3])
     with _eval_mode(model):
-        out, _, _, (pad_x, pad_y, lb_scale) = _detect(model, r, e, input_hw, (conf, iou, max_det))
+        out, (pad_x, pad_y, lb_scale) = _detect(model, r, e, input_hw, (conf, iou, max_det))
     packed = _pack(out, pad_x, pad_y, lb_scale, w, h).cpu().numpy()
     idx = packed[:, 0].astype(np.int64)
     return [packed[idx == k, 1:7] for k in range(int(ref.shape[0]))]
@@ -307,10 +448,28 @@ def _pack(
     det = torch.cat([o.reshape(-1, 6) for o in out]).float()
     counts = torch.tensor(sizes, device=dev)
     idx = torch.repeat_interleave(torch.arange(len(out), device=dev), counts, output_size=total).float()
-    boxes = det[:, :4].clone()
-    boxes[:, 0::2] = ((boxes[:, 0::2] - pad_x) / scale).clamp(0.0, float(orig_w))
-    boxes[:, 1::2] = ((boxes[:, 1::2] - pad_y) / scale).clamp(0.0, float(orig_h))
+    boxes = _to_original(det[:, :4], pad_x, pad_y, scale, orig_w, orig_h)
     return torch.cat([idx[:, None], boxes, det[:, 4:6]], dim=1)
+
+
+def _pack_dense(
+    rows: torch.Tensor, pad_x: float, pad_y: float, scale: float, orig_w: int, orig_h: int
+) -> torch.Tensor:
+    """:func:`_pack` of every dense NMS candidate ``(B, K, 6)``: ``(B, K, 7)``, the same value per row."""
+    b, k, _ = rows.shape
+    idx = torch.arange(b, device=rows.device, dtype=rows.dtype)[:, None, None].expand(b, k, 1)
+    boxes = _to_original(rows[..., :4], pad_x, pad_y, scale, orig_w, orig_h)
+    return torch.cat([idx, boxes, rows[..., 4:6]], dim=-1)
+
+
+def _to_original(
+    boxes: torch.Tensor, pad_x: float, pad_y: float, scale: float, orig_w: int, orig_h: int
+) -> torch.Tensor:
+    """Input-pixel boxes ``(..., 4)`` x1, y1, x2, y2 in original pixels, clipped to the image."""
+    out = boxes.clone()
+    out[..., 0::2] = ((out[..., 0::2] - pad_x) / scale).clamp(0.0, float(orig_w))
+    out[..., 1::2] = ((out[..., 1::2] - pad_y) / scale).clamp(0.0, float(orig_h))
+    return out
 
 
 def _to_coco(packed: np.ndarray, ids: np.ndarray) -> list[dict]:
