@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fredfusion.bench import DATA_WAIT_LIMIT, LABELS, PARTS, run_bench, verdict
+from fredfusion.bench import DATA_WAIT_LIMIT, LABELS, PARTS, _fmt, compile_line, run_bench, verdict
 from fredfusion.cli import main
 from fredfusion.config import load_config
 from fredfusion.data.dataset import PreparedDataset
@@ -405,3 +406,52 @@ def test_loader_workers_start_before_any_part_and_each_part_shows_progress(
     err = capsys.readouterr().err
     for label in ("store read", "augment", "model step", "end to end", "eval"):
         assert f"bench {label}" in err
+
+
+def test_bench_compile_times_the_first_calls_apart_and_reports_them(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    real_compile = torch.compile
+    modes: list[str | None] = []
+
+    def eager_compile(fn, **kwargs):  # dynamo tracing without inductor's codegen: seconds, not minutes
+        modes.append(kwargs.get("mode"))
+        return real_compile(fn, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    # what use_compile_cache sets for the process, put back after the test
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)
+    monkeypatch.setattr(functorch_config, "enable_autograd_cache", functorch_config.enable_autograd_cache)
+    out, cache = tmp_path / "bench", tmp_path / "cache"
+    argv = ["bench", "--data", str(tiny_prepared), "--modality", "rgb", *SMALL, "--workers", "0"]
+    argv += ["--out", str(out), "--skip", "read", "augment", "--compile", "--compile-cache", str(cache)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert modes == [None, None]  # the model and the loss, mode default
+    assert cache.is_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)  # Inductor pointed there
+
+    report = json.loads((out / "bench.json").read_text())
+    assert report["config"]["compile"] is True and report["config"]["compile_mode"] == "default"
+    comp = report["compile"]
+    assert comp["mode"] == "default" and comp["cache_dir"] == str(cache)
+    assert comp["cache"] == "none" and comp["fx_hit"] + comp["fx_miss"] == 0  # the eager backend
+    assert list(comp["first_calls"]) == ["step", "train", "eval"]
+    firsts = comp["first_calls"].values()
+    assert comp["seconds"] == pytest.approx(sum(c["seconds"] for c in firsts)) and comp["seconds"] > 0
+    assert comp["compiled_pairs_per_s"] == report["results"]["step"]["pairs_per_s"]
+    # each first call logged, untimed; the table's heading and compile line
+    assert [line.split(" took ")[0] for line in printed if line.startswith("bench: compile: ")] == [
+        "bench: compile: the first training step at batch 4",
+        "bench: compile: the first end-to-end step",
+        "bench: compile: the first evaluation batch of 4",
+    ]
+    assert any(
+        line.endswith(", compiled (default)") for line in printed if line.startswith("fredfusion bench:")
+    )
+    assert printed.count(compile_line(comp)) == 1
+    assert compile_line(comp).startswith(f"compile: mode default, no Inductor graphs in {cache}; first calls")
+    assert compile_line(comp).endswith(f"; compiled model step {_fmt(comp['compiled_pairs_per_s'])} pairs/s")

@@ -22,6 +22,12 @@ the free memory first (``engine.memory``): a default batch is halved until it fi
 that does not fit is an error naming ``--batch``. The loader's worker processes (shared by the read and
 end-to-end parts) start before any part runs, so they never inherit the heap a part grows. Each part
 shows a progress bar (stderr).
+
+With ``compile`` the model and the loss run through ``torch.compile`` (``compile_mode``) with the
+persistent cache of ``engine.compiled`` (``compile_cache``): the first call of each part that runs the
+compiled model (step, end to end, eval) is timed on its own, before that part's warm-up (``CompileClock``:
+seconds and Inductor's cache hits and misses), so the rates are compiled rates and the report says what
+compiling cost and whether the cache served it.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from fredfusion.config import ConfigError, TrainConfig, validate
 from fredfusion.data.augment import augment_batch
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import BatchLoader, DeviceBatch
+from fredfusion.engine.compiled import CompileClock, CompileReport, compile_callable, use_compile_cache
 from fredfusion.engine.ema import unwrap
 from fredfusion.engine.memory import GiB, PeakMemory, training_need
 from fredfusion.engine.optim import resolve_optimizer
@@ -58,6 +65,8 @@ __all__ = [
     "DATA_WAIT_LIMIT",
     "LABELS",
     "PARTS",
+    "FirstCalls",
+    "compile_line",
     "device_defaults",
     "environment",
     "format_table",
@@ -253,6 +262,64 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+class FirstCalls:
+    """Under ``compile``: the first call of each part that runs the compiled model, timed apart from the
+    part's warm-up and timed steps (``CompileClock``), one log line each; ``summary`` for bench.json."""
+
+    def __init__(self, device: torch.device, mode: str, cache_dir: Path, say: Callable[[str], None]) -> None:
+        self.device = device
+        self.mode = mode
+        self.cache_dir = cache_dir
+        self.say = say
+        self.reports: dict[str, CompileReport] = {}
+
+    def first(self, part: str, what: str, call: Callable[[], object]) -> None:
+        """Run ``call`` (the part's first call of the compiled model) under a CompileClock and log it."""
+        with CompileClock(self.device, what, self.cache_dir) as clock:
+            call()
+        if clock.report is not None:
+            self.reports[part] = clock.report
+            self.say(f"bench: {clock.report.line()}")
+
+    def summary(self, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Mode, cache folder, seconds and cache state of all first calls (counts summed), each first call,
+        and the compiled model-step rate (None when the step part was skipped)."""
+        reports = list(self.reports.values())
+        counts = {k: sum(r.counts[k] for r in reports) for k in ("fx_hit", "fx_miss", "aot_hit", "aot_miss")}
+        total = CompileReport("the first calls", sum(r.seconds for r in reports), counts, str(self.cache_dir))
+        step = results.get("step")
+        return {
+            "mode": self.mode,
+            "cache_dir": str(self.cache_dir),
+            "seconds": total.seconds,
+            "cache": total.state,
+            **counts,
+            "compiled_pairs_per_s": None if step is None else step["pairs_per_s"],
+            "first_calls": {
+                part: {"what": r.what, "seconds": r.seconds, "cache": r.state, **r.counts}
+                for part, r in self.reports.items()
+            },
+        }
+
+
+def compile_line(summary: dict[str, Any]) -> str:
+    """The table's compile line: mode, what the cache gave, the first calls' seconds, the compiled rate."""
+    graphs = summary["fx_hit"] + summary["fx_miss"]
+    cache = {
+        "hit": f"cache hit (all {graphs} graphs loaded)",
+        "miss": f"cache miss ({graphs} graphs compiled and stored)",
+        "partial": f"cache partial ({summary['fx_hit']} of {graphs} graphs loaded)",
+        "none": "no Inductor graphs",
+    }[summary["cache"]]
+    parts = ", ".join(f"{LABELS[p]} {c['seconds']:.1f} s" for p, c in summary["first_calls"].items())
+    rate = summary["compiled_pairs_per_s"]
+    return (
+        f"compile: mode {summary['mode']}, {cache} in {summary['cache_dir']}; first calls (untimed) "
+        f"{summary['seconds']:.1f} s ({parts or 'none'})"
+        + ("" if rate is None else f"; compiled model step {_fmt(float(rate))} pairs/s")
+    )
+
+
 # ----------------------------------------------------------------------------------- synthetic data
 def _synthetic_batch(
     modality: str, batch: int, input_hw: tuple[int, int], device: torch.device, seed: int
@@ -379,12 +446,21 @@ def _bench_augment(
 
 
 def _bench_step(
-    step: TrainStep, wrapped: nn.Module, steps: int, warmup: int, gflops: float, estimate: int
+    step: TrainStep,
+    wrapped: nn.Module,
+    steps: int,
+    warmup: int,
+    gflops: float,
+    estimate: int,
+    compiled: FirstCalls | None = None,
 ) -> dict[str, Any]:
     cfg, device = step.cfg, step.device
     batch = cfg.unfreeze_batch_size
     rgb, event, targets = _synthetic_batch(cfg.modality, batch, step.input_hw, device, cfg.seed)
     step.model.train()
+    if compiled is not None:
+        what = f"the first training step at batch {batch}"
+        compiled.first("step", what, lambda: step.optimize(wrapped, rgb, event, targets, batch))
     with _bar("step", warmup + steps) as bar, PeakMemory(device) as peak:
         for _ in range(warmup):
             step.optimize(wrapped, rgb, event, targets, batch)
@@ -420,6 +496,7 @@ def _bench_train(
     warmup: int,
     loader: BatchLoader,
     batches: Iterator[DeviceBatch],
+    compiled: FirstCalls | None = None,
 ) -> dict[str, Any]:
     cfg, device, workers = step.cfg, step.device, step.cfg.num_workers
     gen = torch.Generator(device=device)
@@ -433,6 +510,8 @@ def _bench_train(
         step.run(wrapped, item, special=True, generator=gen)
         return wait, len(item.ids)
 
+    if compiled is not None:  # augmented batches: the loss sees other target counts than in the step part
+        compiled.first("train", "the first end-to-end step", once)
     lead = _loader_warmup(warmup, loader)
     with _bar("train", lead + steps) as bar:
         for _ in range(lead):
@@ -468,6 +547,7 @@ def _bench_eval(
     steps: int,
     warmup: int,
     device: torch.device,
+    compiled: FirstCalls | None = None,
 ) -> dict[str, Any]:
     from fredfusion.eval.evaluator import evaluate
 
@@ -484,6 +564,8 @@ def _bench_eval(
             compute_map=False,
         ).metrics
 
+    if compiled is not None:  # the model in eval mode: another graph
+        compiled.first("eval", f"the first evaluation batch of {batch}", lambda: run(min(batch, len(ds))))
     want = steps * batch
     with _bar("eval", want + (min(warmup * batch, len(ds)) if warmup else 0)) as bar:
         if warmup:
@@ -541,7 +623,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"fredfusion bench: {cfg['modality']} YOLO-{cfg['model']}, batch {cfg['batch']}, input {h}x{w}, "
         f"{env['device']} ({env['device_name']}), torch {env['torch']}, "
         f"{cfg['steps']} timed steps after {cfg['warmup']} warm-up"
-        + (", compiled" if cfg["compile"] else ""),
+        + (f", compiled ({cfg['compile_mode']})" if cfg["compile"] else ""),
         f"{'part':<12} {'pairs/s':>10}  detail",
     ]
     for part in PARTS:
@@ -552,6 +634,8 @@ def format_table(report: dict[str, Any]) -> str:
     skipped = [p for p in PARTS if p not in report["results"]]
     if skipped:
         lines.append(f"skipped: {', '.join(skipped)}")
+    if report.get("compile"):
+        lines.append(compile_line(report["compile"]))
     lines.append(report["verdict"])
     return "\n".join(lines)
 
@@ -592,7 +676,7 @@ def _model(
     net = net.to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    return net, (torch.compile(net) if cfg.compile else net), info
+    return net, (compile_callable(net, cfg.compile_mode) if cfg.compile else net), info
 
 
 def _report(
@@ -623,6 +707,7 @@ def _report(
             "train_images": len(train_set),
             "workers": cfg.num_workers,
             "compile": bool(cfg.compile),
+            "compile_mode": cfg.compile_mode if cfg.compile else None,
             "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
             "channels_last": bool(cfg.channels_last),
             "skip": [p for p in PARTS if p in set(skip)],
@@ -642,8 +727,10 @@ def _measure(
     net: nn.Module,
     wrapped: nn.Module,
     say: Callable[[str], None],
+    compiled: FirstCalls | None = None,
 ) -> None:
-    """Run the parts the report's config does not skip, into ``report["results"]``; say each rate.
+    """Run the parts the report's config does not skip, into ``report["results"]``; say each rate; with
+    ``compiled`` the compile summary into ``report["compile"]``.
 
     The loader of the read and end-to-end parts (and its worker processes) starts first."""
     run, results = report["config"], report["results"]
@@ -661,15 +748,19 @@ def _measure(
             results["augment"] = _bench_augment(train_set, cfg, steps, warmup, device)
             say(f"bench: augment {_fmt(results['augment']['pairs_per_s'])} pairs/s")
         if "step" not in skip or "train" not in skip:
-            _measure_step(report, cfg, device, net, wrapped, loader, batches, say)
+            _measure_step(report, cfg, device, net, wrapped, loader, batches, say, compiled)
     finally:
         if batches is not None:
             batches.close()
     if "eval" not in skip:
         eval_set, split = _eval_dataset(Path(cfg.data), cfg.modality, train_set)
-        results["eval"] = _bench_eval(wrapped, eval_set, split, cfg, run["eval_batch"], steps, warmup, device)
+        results["eval"] = _bench_eval(
+            wrapped, eval_set, split, cfg, run["eval_batch"], steps, warmup, device, compiled
+        )
         say(f"bench: eval {_fmt(results['eval']['pairs_per_s'])} pairs/s")
     unwrap(wrapped).train()
+    if compiled is not None:
+        report["compile"] = compiled.summary(results)
 
 
 def _measure_step(
@@ -681,6 +772,7 @@ def _measure_step(
     loader: BatchLoader | None,
     batches: Iterator[DeviceBatch] | None,
     say: Callable[[str], None],
+    compiled: FirstCalls | None = None,
 ) -> None:
     """The model step and end-to-end parts, on one TrainStep."""
     run, results = report["config"], report["results"]
@@ -696,10 +788,10 @@ def _measure_step(
     if "step" not in skip:
         gflops = report["model"]["gflops_per_pair"]
         estimate = report["memory"]["estimate_bytes"]
-        results["step"] = _bench_step(step, wrapped, steps, warmup, gflops, estimate)
+        results["step"] = _bench_step(step, wrapped, steps, warmup, gflops, estimate, compiled)
         say(f"bench: model step {_fmt(results['step']['pairs_per_s'])} pairs/s")
     if "train" not in skip and loader is not None and batches is not None:
-        results["train"] = _bench_train(step, wrapped, steps, warmup, loader, batches)
+        results["train"] = _bench_train(step, wrapped, steps, warmup, loader, batches, compiled)
         say(f"bench: end to end {_fmt(results['train']['pairs_per_s'])} pairs/s")
         if "augment" in results and "step" in results:
             # augmentation and the step run one after the other on the device
@@ -764,11 +856,14 @@ def run_bench(
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Measure the five rates for ``cfg`` (its data, modality, model, fusion, input_shape, batch =
-    unfreeze_batch_size, num_workers, device, compile, seed); print the table, write ``out/bench.json``.
+    unfreeze_batch_size, num_workers, device, compile, compile_mode, compile_cache, seed); print the table,
+    write ``out/bench.json``.
 
     Returns the report: ``config``, ``environment``, ``model`` (params, GFLOPs per pair), ``memory``
     (the estimate of a step and the free memory), ``results`` (one dict per measured part, each with
-    ``pairs_per_s``), ``verdict`` and ``bottleneck`` (the slowest of read / augment / step).
+    ``pairs_per_s``), ``verdict`` and ``bottleneck`` (the slowest of read / augment / step); with
+    ``compile`` also ``compile`` (``FirstCalls.summary``: mode, cache folder and state, seconds of the
+    first calls, the compiled model-step rate).
     ``out=None`` writes no file. ``eval_batch`` defaults to the batch; ``threads`` > 0 sets the torch
     CPU thread count for the run (restored afterwards). With ``fit_batch`` a batch that does not fit the
     free memory is halved until it does, else it is a ConfigError.
@@ -780,6 +875,9 @@ def run_bench(
     with torch_threads(threads):
         _check_args(steps, warmup, skip, 1 if eval_batch is None else eval_batch)
         device = pick_device(cfg.device)
+        compiled = None
+        if cfg.compile:  # before anything compiles; an unusable folder is a ConfigError before any work
+            compiled = FirstCalls(device, cfg.compile_mode, use_compile_cache(cfg.compile_cache), say)
         train_set = _train_dataset(Path(cfg.data), cfg.modality)
         net, wrapped, info = _model(cfg, train_set, device)
         cfg, memory = _fit_memory(cfg, net, train_set, device, fit_batch, say)
@@ -788,7 +886,7 @@ def run_bench(
             cfg, train_set, device, info, steps=steps, warmup=warmup, eval_batch=eval_batch, skip=skip
         )
         report["memory"] = memory
-        _measure(report, cfg, train_set, device, net, wrapped, say)
+        _measure(report, cfg, train_set, device, net, wrapped, say, compiled)
         report["verdict"], report["bottleneck"] = verdict(report["results"])
         if out is not None:
             from fredfusion.files import write_json_atomic

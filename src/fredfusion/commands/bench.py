@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fredfusion.commands import flags
-from fredfusion.config import ConfigError, TrainConfig, load_config
+from fredfusion.config import COMPILE_MODES, ConfigError, TrainConfig, load_config
 from fredfusion.spec import ARCHS, FUSIONS, MODALITIES, SIZES
 
 DEFAULTS_TEXT = "fits the device: {cpu} on a CPU, {gpu} on a GPU"
@@ -62,7 +62,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"loader worker processes (default: {_fits(0, 'up to 12')})",
     )
     flags.add_device(p)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model and the loss with a persistent cache; the first call of each part is "
+        "timed apart (compile seconds, cache hit or miss)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        "--compile_mode",
+        dest="compile_mode",
+        choices=COMPILE_MODES,
+        default="default",
+        metavar="MODE",
+        help=f"torch.compile mode: {' | '.join(COMPILE_MODES)}; reduce-overhead and max-autotune record "
+        "CUDA graphs (default: default)",
+    )
+    p.add_argument(
+        "--compile-cache",
+        "--compile_cache",
+        dest="compile_cache",
+        default="",
+        metavar="DIR",
+        help="folder of the persistent compile cache, as train's compile_cache (default: "
+        "$FREDFUSION_CACHE/compile, else $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/fredfusion/compile)",
+    )
     flags.add_out(p, Path("runs/bench"), "folder of bench.json (default: runs/bench)")
     p.add_argument(
         "--skip", nargs="+", default=[], metavar="PART", help="parts to skip: read augment step train eval"
@@ -85,6 +109,8 @@ FLAGS = {
     "num_workers": "--workers",
     "device": "--device",
     "compile": "--compile",
+    "compile_mode": "--compile-mode",
+    "compile_cache": "--compile-cache",
     "seed": "--seed",
 }
 """The TrainConfig field each bench flag sets."""
