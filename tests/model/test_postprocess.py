@@ -2,7 +2,14 @@ import pytest
 import torch
 from torchvision.ops import box_iou, nms
 
-from fredfusion.model.postprocess import decode, non_max_suppression, scale_boxes
+from fredfusion.model.postprocess import (
+    DenseDetections,
+    decode,
+    dense_nms,
+    non_max_suppression,
+    scale_boxes,
+    settle,
+)
 
 STRIDES = (8, 16, 32)
 ANCHORS = torch.tensor(
@@ -175,6 +182,81 @@ def test_nms_nothing_above_threshold() -> None:
 def test_nms_bad_input() -> None:
     with pytest.raises(ValueError, match=r"\(B, N, 5 \+ nc\)"):
         non_max_suppression(torch.zeros(10, 6))
+
+
+def _clustered(b: int, n: int, nc: int, seed: int) -> torch.Tensor:
+    """Decoded rows with half the boxes jittered around 3 centres per image (chains of suppression) and
+    no two equal scores in an image (so the order of equal scores, which no NMS promises, never counts)."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(b, n, 2, generator=g) * torch.tensor([640.0, 384.0])
+    centres = torch.rand(b, 3, 2, generator=g) * torch.tensor([640.0, 384.0])
+    pick = torch.randint(0, 3, (b, n), generator=g)
+    near = centres.gather(1, pick[..., None].expand(-1, -1, 2)) + torch.randn(b, n, 2, generator=g) * 6
+    xy = torch.where(torch.rand(b, n, 1, generator=g) < 0.5, near, xy)
+    wh = torch.rand(b, n, 2, generator=g) * 60 + 4
+    ranks = torch.stack([torch.randperm(n * nc, generator=g) for _ in range(b)]).view(b, n, nc)
+    probs = (ranks.float() + 1) / (n * nc + 1)  # objectness 1: every score differs
+    return torch.cat([xy, wh, torch.ones(b, n, 1), probs], -1)
+
+
+def _kept(d: DenseDetections) -> list[torch.Tensor]:
+    rows = d.rows()
+    return [rows[i][d.keep[i]] for i in range(len(rows))]
+
+
+@pytest.mark.parametrize("nc", [1, 3])
+@pytest.mark.parametrize("multi_label", [False, True])
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_dense_nms_equals_non_max_suppression(nc: int, multi_label: bool, agnostic: bool) -> None:
+    """Bit for bit the rows of the torchvision path, in its order: 4 images x 1000 candidates, enough
+    for torchvision's per-class loop on a CPU (its coordinate-offset path, used for fewer boxes, rounds
+    the offset coordinates)."""
+    decoded = _clustered(4, 1500, nc, seed=nc + 2 * multi_label + 4 * agnostic)
+    kw = dict(multi_label=multi_label, agnostic=agnostic)
+    ref = non_max_suppression(decoded, 0.001, 0.45, 300, **kw)
+    dense = dense_nms(decoded, 0.001, 0.45, 300, **kw)
+    assert dense.keep.shape == (4, 1000) and dense.converged.dtype == torch.bool
+    got = _kept(settle(dense, 0.45, 300, agnostic=agnostic))
+    assert [len(r) for r in ref] == [len(r) for r in got] and all(len(r) == 300 for r in ref)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+
+
+def test_dense_nms_unconverged_rounds_settle_to_the_same_result() -> None:
+    decoded = _clustered(3, 2000, 1, seed=7)
+    full = dense_nms(decoded, 0.001, 0.45, 300)
+    assert bool(full.converged)
+    short = dense_nms(decoded, 0.001, 0.45, 300, rounds=1)
+    assert not bool(short.converged)  # overlapping candidates: the first step removes some
+    settled = settle(short, 0.45, 300)
+    assert bool(settled.converged) and torch.equal(settled.keep, full.keep)
+    assert settle(full, 0.45, 300) is full
+
+
+def test_dense_nms_hand_cases_and_caps() -> None:
+    nc = 2
+    img0 = [
+        [10, 10, 30, 30, 0.9, 1.0, 0.0],
+        [11, 11, 31, 31, 0.8, 1.0, 0.0],  # suppressed by the first
+        [11, 11, 31, 31, 0.7, 0.0, 1.0],  # other class: kept
+        [50, 50, 60, 60, 0.6, 0.5, 0.0],
+        [0, 0, 5, 5, 0.5, 0.001, 0.0],  # below conf
+    ]
+    img1 = [[10, 10, 30, 30, 0.4, 1.0, 0.0]]
+    d = dense_nms(_decoded([img0, img1], nc), conf=0.01, iou=0.5)
+    assert d.keep.tolist() == [[True, False, True, True, False], [True, False, False, False, False]]
+    assert d.valid.tolist() == [[True, True, True, True, False], [True, False, False, False, False]]
+    torch.testing.assert_close(_kept(d)[0], non_max_suppression(_decoded([img0, img1], nc), 0.01, 0.5)[0])
+    agn = dense_nms(_decoded([img0, img1], nc), conf=0.01, iou=0.5, agnostic=True)
+    assert agn.keep[0].tolist() == [True, False, False, True, False]
+    rows = [[[20 * k, 0, 20 * k + 10, 10, 0.01 * (k + 1), 1.0] for k in range(20)] for _ in range(2)]
+    capped = dense_nms(_decoded(rows, 1), conf=0.0, max_det=5, max_nms=8)
+    assert capped.keep.shape == (2, 8) and capped.keep.sum(1).tolist() == [5, 5]
+    assert _kept(capped)[1][:, 4].tolist() == pytest.approx([0.2, 0.19, 0.18, 0.17, 0.16])
+    none = dense_nms(torch.zeros(3, 50, 6), conf=0.1)
+    assert not none.keep.any() and bool(none.converged)
+    with pytest.raises(ValueError, match=r"\(B, N, 5 \+ nc\)"):
+        dense_nms(torch.zeros(10, 6))
 
 
 # ------------------------------------------------------------------------------------- scale_boxes
