@@ -199,3 +199,32 @@ def test_cuda_graph_modes_are_refused_under_several_processes() -> None:
     for mode in ("reduce-overhead", "max-autotune"):
         with pytest.raises(ConfigError, match=f"compile_mode {mode} records CUDA graphs"):
             check_compile_mode(mode, 2)
+
+
+def test_the_compiled_loss_is_traced_once_for_a_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from torch._dynamo.testing import CompileCounter
+
+    from fredfusion.config import load_config
+    from fredfusion.engine.step import TrainStep
+    from fredfusion.model import build_model
+
+    real_compile = torch.compile
+    counters: list[CompileCounter] = []
+
+    def counting_compile(fn, **kwargs):  # dynamo's tracing, counted, without a backend's codegen
+        counters.append(CompileCounter())
+        return real_compile(fn, backend=counters[-1], **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    torch._dynamo.reset()
+    cfg = load_config(overrides={"modality": "rgb", "model": "n", "input_shape": [64, 128], "compile": True})
+    net = build_model("rgb", "n", num_classes=1)
+    step = TrainStep(cfg, net, 2, device=torch.device("cpu"), amp_dtype=None, optimizer_choice=("sgd", None))
+    assert len(counters) == 1  # the loss (bench and train compile the model themselves)
+    targets = torch.tensor([[0, 0, 10.0, 10.0, 30.0, 24.0], [1, 0, 50.0, 20.0, 70.0, 40.0]])
+    for _ in range(3):
+        preds = net(torch.rand(2, 3, 64, 128), None)
+        step.compute_loss([p.float() for p in preds], targets)
+    # a first call that filled a cache of the loss (its constants on the device) was traced again
+    assert counters[0].frame_count == 1

@@ -75,6 +75,9 @@ class TrainStep:
         self.guard = StepGuard(model, device)
         self.loss_fn = build_loss(model, cfg.label_smoothing)
         # the training step's loss, compiled with the model under ``compile`` (evaluation uses loss_fn)
+        place = getattr(self.loss_fn, "place", None)
+        if cfg.compile and place is not None:
+            place(device)  # its cached constants on the device before tracing: one trace per shape
         self.compute_loss = compile_callable(self.loss_fn, cfg.compile_mode) if cfg.compile else self.loss_fn
         self.aug_cfg = augment_config(cfg)
         # blanking (data.blanking) only where a dual run can have a missing or dropped modality

@@ -123,6 +123,11 @@ class YoloLoss:
         self._anchors_grid = torch.stack([anchors[i] / s for i, s in enumerate(self.strides)]).cpu()
         self._const: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
+    def place(self, device: torch.device) -> None:
+        """Copy the constants to ``device`` now: before ``torch.compile`` traces the loss, as a first
+        compiled call that filled their cache would be traced and compiled again at the second."""
+        self._constants(torch.empty(0, device=device).device)  # the key a tensor's device gives (cuda:0)
+
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Anchors (grid units), cell offsets and the placeholder box on ``device``, copied once."""
         if device not in self._const:
