@@ -107,7 +107,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead / max-autotune record CUDA graphs
-    compile_cache: str = ""  # "" = $FREDFUSION_CACHE/compile, else ~/.cache/fredfusion/compile
+    compile_cache: str = ""  # "": engine.compiled.compile_cache_dir picks it (environment, XDG)
     ema: bool = True
     num_workers: int = 2
     prefetch_factor: int = 2
@@ -161,8 +161,10 @@ FIELD_HELP: dict[str, str] = {
     "init_epoch": "epoch to start counting from",
     "freeze_epoch": "epochs of the freeze phase (backbones frozen)",
     "unfreeze_epoch": "total epochs of the run",
-    "freeze_batch_size": "batch size of the freeze phase (auto: the largest that fits)",
-    "unfreeze_batch_size": "batch size after the freeze phase (auto: the largest that fits)",
+    "freeze_batch_size": "batch size of the freeze phase (auto: the largest that fits, the lr scaled by "
+    "batch / nominal_batch)",
+    "unfreeze_batch_size": "batch size after the freeze phase (auto: the largest that fits, the lr scaled "
+    "by batch / nominal_batch)",
     "freeze_train": "run the freeze phase before unfreezing",
     "freeze_training": "train the freeze phase only, then stop",
     "freeze_untrained": "run the freeze phase even when the backbones start from random weights",
@@ -192,10 +194,11 @@ FIELD_HELP: dict[str, str] = {
     ),
     "fp16": "mixed precision on a GPU (bf16 where supported, else fp16)",
     "channels_last": "channels-last memory format",
-    "compile": "torch.compile the model and the loss (persistent cache, see compile_cache)",
+    "compile": "torch.compile the model and the loss with a persistent cache (compile_cache); the first "
+    "step of each phase prints its compile time and whether the cache served it",
     "compile_mode": "torch.compile mode; reduce-overhead and max-autotune record CUDA graphs (one process)",
     "compile_cache": "folder of torch.compile's persistent cache (empty: $FREDFUSION_CACHE/compile, else "
-    "~/.cache/fredfusion/compile)",
+    "$TORCHINDUCTOR_CACHE_DIR, else ~/.cache/fredfusion/compile or under $XDG_CACHE_HOME)",
     "ema": "keep an exponential moving average of the weights (evaluated and saved as best)",
     "num_workers": "loader worker processes",
     "prefetch_factor": "batches each loader worker reads ahead",
