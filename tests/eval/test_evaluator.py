@@ -212,3 +212,108 @@ def test_real_model_and_loss_smoke() -> None:
     assert (boxes[:, 2:] > 0).all()
     scored = coco_map(restrict_gt(FakeDataset(3).coco, FakeDataset(3).ids), res.detections).stats
     assert res.metrics["mAP50"] == scored["mAP50"] and res.metrics["mAP50_95"] == scored["mAP50_95"]
+
+
+_TIMES = ("pairs_per_s", "infer_s", "wait_s", "wall_s", "metrics_s")
+
+
+def _scores(res: EvalResult) -> dict:
+    """The metrics of ``res`` without its timings."""
+    return {k: v for k, v in res.metrics.items() if k not in _TIMES}
+
+
+def test_pipelined_evaluation_equals_the_straightforward_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With batches in flight the host converts batch k's rows after batch k + 1 (and later ones) was
+    launched; detections (values and order), metrics and val_loss are bit-identical to landing every
+    batch before the next starts, for either NMS, with a cut last batch (max_images) and a loss."""
+    from fredfusion.eval import evaluator
+    from fredfusion.model import build_model
+    from fredfusion.model.loss import YoloLoss
+
+    torch.manual_seed(0)
+    model = build_model("dual", "n", "concat")
+    loss_fn = YoloLoss(model.anchors, model.strides, 1)
+    ds = FakeDataset(7)
+    order: list[str] = []
+    launch, land = evaluator._Pass.launch, evaluator._Pass.land
+
+    def logged_launch(self: evaluator._Pass, batch: object, keep: int) -> evaluator._Flight:
+        order.append(f"L{len(order)}")
+        return launch(self, batch, keep)
+
+    def logged_land(self: evaluator._Pass, flight: evaluator._Flight, bar: object = None) -> None:
+        order.append(f"H{int(flight.ids[0]) - 100}")
+        land(self, flight, bar)
+
+    monkeypatch.setattr(evaluator._Pass, "launch", logged_launch)
+    monkeypatch.setattr(evaluator._Pass, "land", logged_land)
+    kw = dict(batch_size=2, input_hw=INPUT_HW, loss_fn=loss_fn, max_det=50, max_images=6)
+    for dense in (False, True):
+        runs = {}
+        for in_flight in (0, 1, 3):
+            order.clear()
+            runs[in_flight] = evaluate(model, ds, dense=dense, in_flight=in_flight, **kw)
+            lands = [step for step in order if step.startswith("H")]
+            assert lands == ["H0", "H2", "H4"]  # first images of the batches, in order
+            # batch k lands after batch k + in_flight was launched (all launched: the rest land)
+            assert [step[0] for step in order] == {
+                0: list("LHLHLH"),
+                1: list("LLHLHH"),
+                3: list("LLLHHH"),
+            }[in_flight]
+        ref = runs[0]
+        assert len(ref.detections) > 50 and ref.metrics["images"] == 6
+        assert math.isfinite(ref.metrics["val_loss"]) and ref.metrics["wall_s"] > 0
+        for res in runs.values():
+            assert res.detections == ref.detections
+            assert _scores(res) == _scores(ref)
+    with pytest.raises(ValueError, match="in_flight"):
+        evaluate(model, ds, in_flight=-1, input_hw=INPUT_HW)
+
+
+class RandomModel(FakeModel):
+    """Random raw maps per image (seeded by the image's frame value): overlapping boxes of all sizes,
+    scores that differ (so the order of equal scores, which no NMS promises, never counts)."""
+
+    def forward(self, rgb: torch.Tensor | None, event: torch.Tensor | None = None) -> list[torch.Tensor]:
+        ref = rgb if rgb is not None else event
+        b, _, h, w = ref.shape
+        maps = []
+        for s in self.strides:
+            per_image = []
+            for i in range(b):
+                seed = round(float(ref[i, 0, h // 2, w // 2]) * 255) * 100 + s
+                m = torch.randn((3, h // s, w // s, 6), generator=torch.Generator().manual_seed(seed))
+                m[..., 4] *= 2.0
+                m[..., 5] = 30.0
+                per_image.append(m)
+            maps.append(torch.stack(per_image) + 0 * self.weight)
+        return maps
+
+
+def test_dense_nms_in_the_evaluator_and_its_unconverged_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dense NMS gives the torchvision path's detections (batches of 3 x 378 candidates: torchvision's
+    per-class loop on a CPU); a batch whose fixed point is not reached in the unexamined rounds is
+    settled on the host and ends the same."""
+    import functools
+
+    from fredfusion.model import postprocess
+
+    model, ds = RandomModel("dual"), FakeDataset(6)
+    kw = dict(batch_size=3, input_hw=INPUT_HW, max_det=40)
+    ref = evaluate(model, ds, dense=False, **kw)
+    dense = evaluate(model, ds, dense=True, **kw)
+    assert len(ref.detections) > 200  # up to 40 per image (boxes clipped to nothing are dropped)
+    assert dense.detections == ref.detections and _scores(dense) == _scores(ref)
+    settled: list[bool] = []
+    real_settle = postprocess.settle
+
+    def watched(dets: postprocess.DenseDetections, *args: object, **kwargs: object) -> object:
+        settled.append(bool(dets.converged))
+        return real_settle(dets, *args, **kwargs)
+
+    monkeypatch.setattr(postprocess, "dense_nms", functools.partial(postprocess.dense_nms, rounds=1))
+    monkeypatch.setattr(postprocess, "settle", watched)
+    one_round = evaluate(model, ds, dense=True, **kw)
+    assert settled == [False, False]  # both batches needed more than one round
+    assert one_round.detections == ref.detections
