@@ -69,12 +69,13 @@ def test_trial_steps_and_the_measured_rule_run_on_the_cpu(
     tiny_prepared: Path, tmp_path: Path, one_thread: None
 ) -> None:
     """The code CUDA runs (trial steps on a model copy, the search, the line), on the CPU's memory."""
-    cfg = _cfg(tiny_prepared, tmp_path, batch_size="auto")
+    cfg = _cfg(tiny_prepared, tmp_path, batch_size="auto", compile=True)
     model = build_model("dual", "n", num_classes=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trials = TrialSteps(
         cfg, model, device=torch.device("cpu"), amp_dtype=None, store_hw=(72, 128), frozen=True
     )
+    assert trials.step.compute_loss is trials.step.loss_fn  # eager under compile: no compile per batch
     assert trials(2) >= 0
     assert all(not p.requires_grad for m in trials.model.backbone_modules() for p in m.parameters())
     trials.close()
