@@ -317,3 +317,60 @@ def test_dense_nms_in_the_evaluator_and_its_unconverged_batches(monkeypatch: pyt
     one_round = evaluate(model, ds, dense=True, **kw)
     assert settled == [False, False]  # both batches needed more than one round
     assert one_round.detections == ref.detections
+
+
+@pytest.mark.parametrize("arch", ["yolov5", "yolov8"])
+def test_device_stage_never_syncs_on_fake_cuda_tensors(arch: str) -> None:
+    """The device stage of an evaluation batch (letterbox, channels-last model, decode, dense NMS,
+    packing) on fake CUDA tensors: shapes only, no data. Under FakeTensorMode every op that needs
+    values on the host (``.item()``, ``bool(t)``, ``nonzero``, boolean-mask indexing) raises, as the
+    torchvision NMS path does; no copy between host and device happens either."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fredfusion.eval.evaluator import _forward, _pack_dense
+    from fredfusion.model import build_model
+    from fredfusion.model.postprocess import _grid, dense_nms, non_max_suppression
+
+    aten = torch.ops.aten
+
+    class HostDeviceCopies(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.copies: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (aten._to_copy.default, aten.copy_.default):
+                src, dst = (args[1], args[0]) if func is aten.copy_.default else (args[0], out)
+                if src.device.type != dst.device.type:
+                    self.copies.append(f"{func}: {src.device} -> {dst.device} {tuple(src.shape)}")
+            return out
+
+    model = build_model("dual", "n", arch=arch).eval()
+    mode = FakeTensorMode()
+    try:
+        with torch.no_grad(), mode:
+            dev = torch.device("cuda")
+            for mod in model.modules():  # the weights as fake channels-last CUDA tensors
+                for store in (mod._parameters, mod._buffers):
+                    for name, t in list(store.items()):
+                        if t is not None:
+                            fake = mode.from_tensor(t).to(dev)
+                            store[name] = (
+                                fake.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else fake
+                            )
+            rgb, event = (torch.empty((4, 3, 72, 128), dtype=torch.uint8, device=dev) for _ in range(2))
+            with HostDeviceCopies() as log:
+                preds, _, (pad_x, pad_y, scale) = _forward(model, rgb, event, (96, 160), channels_last=True)
+                decoded = model.decode(preds)
+                dets = dense_nms(decoded, 0.001, 0.45, 300)
+                rows = _pack_dense(dets.rows(), pad_x, pad_y, scale * 0.1, 1280, 720)
+            with pytest.raises(DynamicOutputShapeException, match="nonzero"):  # the torchvision path
+                non_max_suppression(decoded, 0.001, 0.45, 300)
+    finally:
+        _grid.cache_clear()  # no fake grids left for later real CUDA tensors
+    k = decoded.shape[1]  # fewer than 1000 anchors at 96x160: all are candidates
+    assert rows.shape == (4, k, 7) and rows.device.type == "cuda"
+    assert dets.keep.shape == (4, k) and dets.converged.shape == ()
+    assert log.copies == []

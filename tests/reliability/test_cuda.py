@@ -105,6 +105,106 @@ def test_the_training_step_makes_no_host_sync(small_sample: Any) -> None:
         assert bool(ok) and torch.isfinite(values).all(), arch
 
 
+def _eval_pass(ds: PreparedDataset, dense: bool, in_flight: int) -> Any:
+    """An evaluation pass of a fresh dual YOLO-n on ``ds`` as ``fredfusion eval`` runs it on the device
+    (bf16, channels-last, the training loss for val_loss), and its loader's batches."""
+    from fredfusion.engine.runtime import amp_dtype_for
+    from fredfusion.eval.evaluator import _Pass
+    from fredfusion.model import build_model
+    from fredfusion.model.build import build_loss
+
+    device = torch.device(DEVICE)
+    torch.manual_seed(0)
+    model = build_model("dual", "n").to(device).to(memory_format=torch.channels_last).eval()
+    loss_fn = build_loss(model)
+    orig_h, orig_w = ds.orig_hw
+    run = _Pass(
+        model,
+        device,
+        (96, 160),
+        (0.001, 0.45, 300),
+        amp_dtype_for(device),
+        loss_fn,
+        float(ds.scale),
+        (int(orig_w), int(orig_h)),
+        dense=dense,
+        in_flight=in_flight,
+        channels_last=CUDA,
+    )
+    return run, list(BatchLoader(ds, 4, shuffle=False, drop_last=False, device=device))
+
+
+@torch.no_grad()
+def test_evaluation_on_the_device_makes_no_host_sync(small_sample: Any) -> None:
+    """The device stage of evaluation batches (letterbox, channels-last bf16 model, decode, dense NMS,
+    packing, the copies into pinned memory, the loss) runs under torch.cuda.set_sync_debug_mode("error");
+    the host stage then waits on each batch's event only."""
+    if not CUDA:
+        pytest.skip("the sync debug mode is a CUDA feature")
+    ds = PreparedDataset(small_sample.prepared, "val", modality="dual", pairs="dual")
+    run, batches = _eval_pass(ds, dense=True, in_flight=2)
+    run.land(run.launch(batches[0], len(batches[0].ids)))  # first batch: lazy state, cuDNN plans
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        flights = [run.launch(b, len(b.ids)) for b in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for flight in flights:
+        run.land(flight)
+    assert run.n_done == len(ds) + len(batches[0].ids) and len(run.detections) > 0
+    assert run.infer_s > 0 and torch.isfinite(run.loss_sum)
+
+
+@torch.no_grad()
+def test_evaluation_on_the_device_pipelined_equals_straightforward(small_sample: Any) -> None:
+    """On the device (bf16, channels-last, dense NMS: the eval command's settings) batches in flight
+    give the detections, metrics and val_loss of landing each batch before the next starts."""
+    from fredfusion.eval.evaluator import evaluate
+
+    _deterministic()
+    ds = PreparedDataset(small_sample.prepared, "val", modality="dual", pairs="dual")
+    runs = []
+    for in_flight in (0, 2):
+        run, _ = _eval_pass(ds, dense=CUDA, in_flight=in_flight)
+        res = evaluate(
+            run.model,
+            ds,
+            batch_size=4,
+            device=DEVICE,
+            input_hw=(96, 160),
+            amp_dtype=run.amp_dtype,
+            loss_fn=run.loss_fn,
+            in_flight=in_flight,
+        )
+        runs.append(res)
+    times = ("pairs_per_s", "infer_s", "wait_s", "wall_s", "metrics_s")
+    a, b = ({k: v for k, v in r.metrics.items() if k not in times} for r in runs)
+    assert runs[0].detections == runs[1].detections and a == b
+    assert len(runs[0].detections) > 0 and a["images"] == len(ds)
+
+
+def test_dense_nms_on_the_device_equals_torchvision() -> None:
+    """Dense NMS on the device keeps torchvision's rows in its order (tie-free scores, clustered boxes:
+    4 images x 1000 candidates, class-aware and multi-label)."""
+    from fredfusion.model.postprocess import dense_nms, non_max_suppression, settle
+
+    g = torch.Generator().manual_seed(0)
+    b, n, nc = 4, 1500, 3
+    centres = torch.rand(b, 3, 2, generator=g) * torch.tensor([640.0, 384.0])
+    near = centres.gather(1, torch.randint(0, 3, (b, n, 1), generator=g).expand(-1, -1, 2))
+    xy = near + torch.randn(b, n, 2, generator=g) * 8
+    wh = torch.rand(b, n, 2, generator=g) * 60 + 4
+    ranks = torch.stack([torch.randperm(n * nc, generator=g) for _ in range(b)]).view(b, n, nc)
+    decoded = torch.cat([xy, wh, torch.ones(b, n, 1), (ranks.float() + 1) / (n * nc + 1)], -1).to(DEVICE)
+    for multi_label in (False, True):
+        ref = non_max_suppression(decoded, 0.001, 0.45, 300, multi_label=multi_label)
+        dense = settle(dense_nms(decoded, 0.001, 0.45, 300, multi_label=multi_label), 0.45, 300)
+        rows = dense.rows()
+        for i in range(b):
+            assert torch.equal(rows[i][dense.keep[i]], ref[i]), (multi_label, i)
+
+
 def _train_args(data: Path, save_dir: Path, resume: bool = False) -> list[str]:
     args = ["train", "--data", str(data), "--save_dir", str(save_dir), "--exist_ok", "true"]
     for key, value in TINY.items():
