@@ -62,3 +62,14 @@ def test_eval_reports_conditions(
     saved_old = json.loads((tmp_path / "old_report" / "metrics.json").read_text())
     assert saved_old["conditions"] == {}
     assert saved_old["metrics"]["mAP50"] == pytest.approx(saved["metrics"]["mAP50"])
+
+
+def test_default_batch_is_larger_on_a_gpu() -> None:
+    import torch
+
+    from fredfusion.commands.eval import CPU_BATCH, GPU_BATCH, default_batch
+
+    assert (CPU_BATCH, GPU_BATCH) == (32, 128)
+    assert default_batch(torch.device("cpu"), None) == 32
+    assert default_batch(torch.device("cuda"), None) == 128  # only the device type is read
+    assert default_batch(torch.device("cuda"), 7) == 7 and default_batch(torch.device("cpu"), 64) == 64

@@ -21,6 +21,8 @@ from fredfusion.eval.report import breakdowns, compare_table, format_table, writ
 from fredfusion.model.weights import input_hw_of, load_model
 from fredfusion.spec import NMS_IOU
 
+#: ``--batch`` when not given: evaluation keeps no activations, and a GPU runs at its pace at large batches.
+CPU_BATCH, GPU_BATCH = 32, 128
 _LATE_RULE = "merged: a detection overlapping a better kept one of the other model by IoU > --iou is dropped"
 
 
@@ -32,7 +34,7 @@ def evaluate_checkpoints(
     weights: Sequence[Path],
     data: Path,
     split: str = "test",
-    batch: int = 32,
+    batch: int | None = None,
     conf: float = 0.001,
     iou: float = NMS_IOU,
     input_hw: tuple[int, int] | None = None,
@@ -42,8 +44,10 @@ def evaluate_checkpoints(
     gallery: int = 8,
     log=print,
 ) -> dict[str, EvalResult]:
-    """Evaluate each checkpoint on the true RGB+Event pairs of `split`; write one report folder each."""
+    """Evaluate each checkpoint on the true RGB+Event pairs of `split`; write one report folder each.
+    ``batch`` None: :data:`GPU_BATCH` on a GPU, :data:`CPU_BATCH` elsewhere."""
     dev = pick_device(device)
+    batch = default_batch(dev, batch)
     for path in weights:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--weights {path}: checkpoint not found")
@@ -103,6 +107,8 @@ def _infer(
     on the true pairs of ``split``, after the memory check on a CPU."""
     if model is None or payload is None:
         model, payload = load_model(path, dev)
+    if dev.type == "cuda":  # as training runs it; the evaluator then passes channels-last frames
+        model = model.to(memory_format=torch.channels_last)
     hw = input_hw_of(payload, input_hw, str(path))
     dataset = PreparedDataset(data, split, modality=model.modality, pairs="dual")
     log(f"eval {path}: {model.modality} YOLO-{model.size} on {len(dataset)} {split} pairs at {hw[1]}x{hw[0]}")
@@ -154,7 +160,7 @@ def evaluate_late(
     event: Path,
     data: Path,
     split: str = "test",
-    batch: int = 32,
+    batch: int | None = None,
     conf: float = 0.001,
     iou: float = NMS_IOU,
     input_hw: tuple[int, int] | None = None,
@@ -169,6 +175,7 @@ def evaluate_late(
     runs/eval/late_<rgb name>+<event name>). A missing file, or checkpoints that are not one rgb and one
     event model, is a user mistake naming the flag."""
     dev = pick_device(device)
+    batch = default_batch(dev, batch)
     checks = (("--weights", rgb, "rgb"), ("--late-event", event, "event"))
     for flag, path, _ in checks:
         if not Path(path).is_file():
@@ -202,6 +209,13 @@ def evaluate_late(
     folder = Path(out) if out else Path("runs/eval") / f"late_{names[0]}+{names[1]}"
     report_result(result, dataset, folder, gallery, log, t0)
     return result
+
+
+def default_batch(dev: torch.device, batch: int | None) -> int:
+    """``batch``, or the default batch of evaluation on ``dev`` when it is None."""
+    if batch is not None:
+        return int(batch)
+    return GPU_BATCH if dev.type == "cuda" else CPU_BATCH
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
@@ -251,7 +265,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     flags.add_data(p)
     p.add_argument("--split", default="test", help="split to evaluate on (default: test)")
-    flags.add_batch(p, 32)
+    flags.add_batch(p, None, default_text=f"{CPU_BATCH} on a CPU, {GPU_BATCH} on a GPU")
     flags.add_thresholds(p, conf=0.001)
     flags.add_input_shape(p)
     flags.add_device(p)
