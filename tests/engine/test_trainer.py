@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 
@@ -170,9 +171,16 @@ def test_compile_flag_trains_through_torch_compile_and_saves_plain_keys(
         return real_compile(model, backend="eager", **kwargs)
 
     monkeypatch.setattr(torch, "compile", eager_compile)
-    cfg = _cfg(tiny_prepared, tmp_path, unfreeze_epoch=1, compile=True)
-    summary = Trainer(cfg).fit()
+    # the compile cache in the test's folder; the variable use_compile_cache sets is put back afterwards
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
+    cache = tmp_path / "compile"
+    cfg = _cfg(tiny_prepared, tmp_path, unfreeze_epoch=1, compile=True, compile_cache=str(cache))
+    lines: list[str] = []
+    summary = Trainer(cfg, log=lines.append).fit()
     assert len(compiled) == 2 and summary["best"] is not None  # the model and the loss
+    assert cache.is_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
+    (line,) = [x for x in lines if x.startswith("compile: ")]  # the first step of the one phase
+    assert line.startswith("compile: the first unfreeze step at batch 8 took ") and str(cache) in line
     for name in ("last.pth", "best.pth"):
         ckpt = load_checkpoint(tmp_path / "dual" / name)
         assert not any("_orig_mod" in k for k in ckpt["model"]), name
