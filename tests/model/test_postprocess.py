@@ -233,6 +233,16 @@ def test_dense_nms_unconverged_rounds_settle_to_the_same_result() -> None:
     assert settle(full, 0.45, 300) is full
 
 
+def test_dense_nms_in_chunks_of_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fredfusion.model import postprocess
+
+    decoded = _clustered(3, 1200, 1, seed=11)
+    whole = dense_nms(decoded)
+    monkeypatch.setattr(postprocess, "_IOU_CHUNK", 1)  # one image per IoU chunk
+    one_by_one = dense_nms(decoded)
+    assert torch.equal(whole.keep, one_by_one.keep) and whole.keep.sum() > 0
+
+
 def test_dense_nms_hand_cases_and_caps() -> None:
     nc = 2
     img0 = [

@@ -134,8 +134,8 @@ def scale_boxes(
 
 #: Suppression rounds :func:`dense_nms` runs without looking at the result (see its docstring).
 DENSE_NMS_ROUNDS = 16
-#: Elements of the float IoU matrices built at once (chunks of images): about 256 MiB each.
-_IOU_CHUNK = 1 << 26
+#: Elements of the float IoU matrices built at once (chunks of images): 128 MiB each.
+_IOU_CHUNK = 1 << 25
 
 
 @dataclass
