@@ -136,10 +136,11 @@ def _detect(
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """``t`` on the host: a device tensor is copied into pinned memory without waiting for the copy
-    (an event recorded after it says when it is there); a host tensor is returned as it is."""
-    if t.device.type == "cpu":
-        return t
+    """``t`` on the host: a CUDA tensor is copied into pinned memory without waiting for the copy (an
+    event recorded after it says when it is there); a host tensor is returned as it is, another
+    device's copied as before (blocking)."""
+    if t.device.type != "cuda":
+        return t.cpu()
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     out.copy_(t, non_blocking=True)
     return out
