@@ -212,3 +212,26 @@ def test_ablate_runs_resumes_and_skips_finished_variants(
     assert main([*argv[:6], "2", *argv[7:]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another recipe" in err[0] and "unfreeze_epoch 1 -> 2" in err[0]
+
+
+def test_the_shipped_fusion_ablation_files_plan_every_scenario_in_test() -> None:
+    from fredfusion.data.splits import read_split_file
+    from fredfusion.data.synth import plan_scenarios, scenario_names
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    variants, seeds, recipe = ablation.read_variants_file(root / "ablation_fusion.yaml")
+    assert (
+        seeds == [0, 1, 2]
+        and recipe == {}
+        and variants[:2]
+        == [
+            ablation.Variant("rgb", "rgb"),
+            ablation.Variant("event", "event"),
+        ]
+    )
+    split = read_split_file(root / "ablation_split.txt")
+    scenarios = plan_scenarios(14, seed=15)  # the sample the split file names
+    assert sorted(split) == list(range(14))
+    in_test = {part for i, s in split.items() if s == "test" for part in scenarios[i].split("+")}
+    in_train = {scenarios[i].split("+")[0] for i, s in split.items() if s == "train"}
+    assert in_test == set(scenario_names()) and in_train == set(scenario_names()) - {"edge", "small"}
