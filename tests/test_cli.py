@@ -122,6 +122,14 @@ def _mistakes(f: dict[str, Path], data: Path, out: Path) -> dict[str, list[tuple
             (["--data", d, "--steps", "0"], "--steps"),
             (["--data", d, "--input-shape", "60", "128"], "--input-shape"),
         ],
+        "ablate": [
+            (["--data", missing, "--out", o, "--variants", "rgb"], missing),
+            (["--data", d, "--out", o, "--variants", "rgb", "--device", "cuda:7"], "--device"),
+            (["--data", d, "--out", o, "--variants", "rgb", "--epochs", "0"], "--epochs"),
+            (["--data", d, "--out", o, "--variants", "rgb", "--seeds", "1", "1"], "--seeds"),
+            (["--data", d, "--out", o, "--variants-file", missing], missing),
+            (["--data", d, "--out", o], "--variants"),
+        ],
     }
 
 
