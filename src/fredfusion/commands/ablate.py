@@ -205,13 +205,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     names = [v.name for v in plan.variants] + ([ablation.late_name(plan)] if plan.late else [])
 
-    def tables(results: dict[tuple[str, int], dict]) -> dict[str, Path]:
-        columns, rows = ablation.summarize(names, results, paper)
-        return ablation.write_tables(plan.out, columns, rows, results, title)
+    latest: dict[str, Any] = {}  # the table and files of the last rewrite (after every run)
 
-    results = ablation.run_plan(plan, train_run, _evaluator(args, cfg), _merger(args, cfg), on_result=tables)
-    files = tables(results)
-    columns, rows = ablation.summarize(names, results, paper)
-    print(ablation.markdown_table(columns, rows))
-    print(f"ablate done: {', '.join(str(p) for p in files.values())}")
+    def tables(results: dict[tuple[str, int], dict]) -> None:
+        columns, rows = ablation.summarize(names, results, paper)
+        latest["files"] = ablation.write_tables(plan.out, columns, rows, results, title)
+        latest["table"] = ablation.markdown_table(columns, rows)
+
+    ablation.run_plan(plan, train_run, _evaluator(args, cfg), _merger(args, cfg), on_result=tables)
+    print(latest["table"])
+    print(f"ablate done: {', '.join(str(p) for p in latest['files'].values())}")
     return 0
