@@ -102,6 +102,7 @@ class TrainConfig:
     hsv_s: float = 0.7
     hsv_v: float = 0.4
     modality_dropout: float = 0.0  # dual: chance that a true pair trains with RGB or events blanked
+    modality_dropout_region: str = "image"  # what dropout blanks: the whole frame or the boxes only
     # precision and speed
     fp16: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
     channels_last: bool = True
@@ -190,7 +191,12 @@ FIELD_HELP: dict[str, str] = {
     "hsv_v": "value (brightness) jitter of RGB frames",
     "modality_dropout": (
         "share of the true pairs trained with one modality blanked, drawn per sample and step "
-        "(dual models; blank = all zeros, RGB or events 50/50)"
+        "(dual models; RGB or events 50/50; what is blanked: modality_dropout_region)"
+    ),
+    "modality_dropout_region": (
+        "what modality dropout blanks: image (the whole frame, zeros), boxes (the grown target boxes "
+        "take that modality's content from elsewhere in the batch, the rest of the frame stays) or "
+        "box_parts (as boxes, but a random part of each box, up to 80% of its size, is spared)"
     ),
     "fp16": "mixed precision on a GPU (bf16 where supported, else fp16)",
     "channels_last": "channels-last memory format",
@@ -269,6 +275,7 @@ CHOICES = {
     "optimizer": ("sgd", "adamw", "adam", "auto"),
     "lr_decay_type": ("cos", "step", "linear"),
     "pairs": ("required", "dual", "any"),
+    "modality_dropout_region": ("image", "boxes", "box_parts"),
     "best_metric": ("mAP50", "mAP50_95", "val_loss"),
     "compile_mode": COMPILE_MODES,
 }

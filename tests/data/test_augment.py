@@ -25,7 +25,7 @@ from fredfusion.data.augment import (
     target_rows,
     valid_targets,
 )
-from fredfusion.data.blanking import blank_frames, keep_masks
+from fredfusion.data.blanking import blank_boxes, blank_frames, keep_masks, spared_parts
 from fredfusion.model.loss import YoloLoss
 
 H_IN, W_IN = 72, 128
@@ -494,9 +494,12 @@ ANCHORS = [[[4.0, 4.0], [8.0, 6.0], [12.0, 16.0]], [[16.0, 12.0], [24.0, 24.0], 
            [[40.0, 40.0], [60.0, 30.0], [80.0, 60.0]]]  # fmt: skip
 
 
-def _fake_cuda_step(b: int, m: int, cfg: AugmentConfig, special: bool, dropout: float = 0.0) -> dict:
+def _fake_cuda_step(
+    b: int, m: int, cfg: AugmentConfig, special: bool, dropout: float = 0.0, region: str = "image"
+) -> dict:
     """One training step (augment_batch, the blanking of missing / dropped modalities with modality
-    dropout ``dropout``, YoloLoss) on fake CUDA tensors: shapes only, no data.
+    dropout ``dropout`` of whole frames or, ``region`` boxes, of boxes less random parts, YoloLoss)
+    on fake CUDA tensors: shapes only, no data.
 
     Under ``FakeTensorMode`` every op that needs a tensor's values on the host (``.item()``,
     ``bool(t)``, ``nonzero``, boolean-mask indexing, ...) raises, so this runs only if the step
@@ -533,7 +536,13 @@ def _fake_cuda_step(b: int, m: int, cfg: AugmentConfig, special: bool, dropout: 
 
         def step() -> tuple:
             r, e, t = augment_batch(rgb, event, targets, OUT, cfg, special=special)
-            r, e = blank_frames(r, e, keep_masks(present, b, dropout, None, dev))
+            keep = keep_masks(present, b, dropout, None, dev)
+            if region == "boxes":
+                whole = keep_masks(present, b, 0.0, None, dev)
+                spared = spared_parts(len(t), None, dev)
+                r, e = blank_boxes(*blank_frames(r, e, whole), whole & ~keep, t, spared=spared)
+            else:
+                r, e = blank_frames(r, e, keep)
             preds = [F.avg_pool2d(r + e, s).mean(1)[:, None, :, :, None] * head for s in STRIDES]
             loss, parts = loss_fn(preds, t)
             return r, e, t, loss, parts
@@ -557,16 +566,21 @@ def _fake_cuda_step(b: int, m: int, cfg: AugmentConfig, special: bool, dropout: 
 
 
 @pytest.mark.parametrize(
-    ("special", "mosaic", "mixup", "copies", "dropout"),
-    # every branch: with / without Mosaic and MixUp, with / without modality dropout draws
-    [(True, True, True, 8, 0.0), (False, True, True, 1, 0.0), (True, True, True, 8, 0.3)],
+    ("special", "mosaic", "mixup", "copies", "dropout", "region"),
+    # every branch: with / without Mosaic and MixUp, with / without modality dropout (frames, boxes)
+    [
+        (True, True, True, 8, 0.0, "image"),
+        (False, True, True, 1, 0.0, "image"),
+        (True, True, True, 8, 0.3, "image"),
+        (True, True, True, 8, 0.3, "boxes"),
+    ],
 )
 def test_train_step_never_syncs_and_has_static_shapes(
-    special: bool, mosaic: bool, mixup: bool, copies: int, dropout: float
+    special: bool, mosaic: bool, mixup: bool, copies: int, dropout: float, region: str
 ) -> None:
     b, m = 6, 5
     cfg = AugmentConfig(mosaic=mosaic, mixup=mixup, mosaic_prob=0.5, mixup_prob=0.5, degrees=10, shear=2)
-    got = _fake_cuda_step(b, m, cfg, special, dropout)
+    got = _fake_cuda_step(b, m, cfg, special, dropout, region)
     assert target_rows(m, b, cfg, special) == m * copies
     assert got == {
         "rgb": ((b, 3, *OUT), "cuda"),

@@ -1,12 +1,22 @@
 """Blanking one modality of dual samples: the share modality dropout blanks, never both, reproducible
-draws, missing frames blanked, and zeros exactly where the masks say (no host sync: test_augment)."""
+draws, missing frames blanked, and zeros exactly where the masks say (no host sync: test_augment);
+box-only dropout replaces exactly the grown boxes of the dropped modality."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from fredfusion.data.blanking import blank_frames, keep_masks
+from fredfusion.data.blanking import (
+    MAX_SPARED,
+    blank_boxes,
+    blank_frames,
+    box_cover,
+    keep_masks,
+    spared_parts,
+)
 
 CPU = torch.device("cpu")
 
@@ -72,3 +82,90 @@ def test_blank_frames_zeroes_exactly_the_masked_samples() -> None:
             else:
                 assert bool((got[i] == 0).all())
     assert blank_frames(None, event, keep)[0] is None
+
+
+def _cover_by_hand(
+    rows: list[list[float]],
+    batch: int,
+    h: int,
+    w: int,
+    margin: float,
+    spared: list[list[float]] | None = None,
+) -> torch.Tensor:
+    """The reference: every pixel tested against every grown box and every spared part, one at a time."""
+    out = torch.zeros((batch, h, w), dtype=torch.bool)
+    inner = torch.zeros((batch, h, w), dtype=torch.bool)
+    for r, (img, _cls, x1, y1, x2, y2) in enumerate(rows):
+        if img < 0:
+            continue
+        gx, gy = margin * (x2 - x1), margin * (y2 - y1)
+        left, right = math.floor(x1 - gx), math.ceil(x2 + gx)
+        top, bottom = math.floor(y1 - gy), math.ceil(y2 + gy)
+        size, at_x, at_y = spared[r] if spared else (0.0, 0.0, 0.0)
+        sx1 = x1 + at_x * (1 - size) * (x2 - x1)
+        sy1 = y1 + at_y * (1 - size) * (y2 - y1)
+        sx2, sy2 = sx1 + size * (x2 - x1), sy1 + size * (y2 - y1)
+        for y in range(h):
+            for x in range(w):  # pixel (x, y) spans [x, x+1)
+                if left <= x < right and top <= y < bottom:  # the grown box snapped outwards
+                    out[int(img), y, x] = True
+                if sx1 <= x and x + 1 <= sx2 and sy1 <= y and y + 1 <= sy2:  # wholly in the spared part
+                    inner[int(img), y, x] = True
+    return out & ~inner
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.25])
+def test_box_cover_marks_the_grown_boxes_of_each_image(margin: float) -> None:
+    rows = [
+        [0, 0, 3.0, 2.0, 9.0, 6.0],
+        [0, 0, 7.5, 4.5, 12.2, 7.9],  # overlaps the first: covered once, not counted twice
+        [1, 0, -3.0, -2.0, 2.0, 3.0],  # clipped at the frame's corner
+        [-1, -1, 0.0, 0.0, 0.0, 0.0],  # INVALID_ROW
+        [2, 0, 14.0, 8.0, 16.0, 10.0],  # at the far corner
+    ]
+    got = box_cover(torch.tensor(rows), 3, (10, 16), margin)
+    assert got.dtype == torch.bool and got.shape == (3, 10, 16)
+    assert torch.equal(got, _cover_by_hand(rows, 3, 10, 16, margin))
+
+
+def test_box_cover_leaves_the_spared_parts_out() -> None:
+    rows = [
+        [0, 0, 2.0, 1.0, 12.0, 9.0],
+        [0, 0, 8.0, 5.0, 14.0, 9.0],  # overlaps the first box's spared part: that part stays out
+        [1, 0, 3.0, 3.0, 5.0, 5.0],  # a spared part smaller than a pixel spares nothing
+    ]
+    spared = [[0.5, 0.5, 0.0], [0.3, 1.0, 1.0], [0.2, 0.5, 0.5]]
+    got = box_cover(torch.tensor(rows), 2, (10, 16), 0.0, torch.tensor(spared))
+    assert torch.equal(got, _cover_by_hand(rows, 2, 10, 16, 0.0, spared))
+    assert not bool(got[0, 1:5, 5:9].any()) and bool(got[1, 3:5, 3:5].all())
+
+
+def test_spared_parts_stay_within_the_bounds_and_follow_the_seed() -> None:
+    parts = spared_parts(5000, _gen(0), CPU)
+    assert parts.shape == (5000, 3) and float(parts.min()) >= 0.0
+    assert float(parts[:, 0].max()) < MAX_SPARED and float(parts[:, 0].max()) > 0.95 * MAX_SPARED
+    assert float(parts[:, 1:].max()) < 1.0
+    assert torch.equal(parts, spared_parts(5000, _gen(0), CPU))
+
+
+def test_box_cover_of_no_box_is_empty() -> None:
+    assert not bool(box_cover(torch.zeros((0, 6)), 2, (4, 6)).any())
+
+
+def test_blank_boxes_replaces_only_the_dropped_modality_inside_its_boxes() -> None:
+    torch.manual_seed(0)
+    rgb, event = torch.rand(3, 3, 8, 12), torch.rand(3, 3, 8, 12)
+    before = rgb.clone(), event.clone()
+    targets = torch.tensor(
+        [[0, 0, 1.0, 1.0, 4.0, 3.0], [1, 0, 6.0, 2.0, 9.0, 6.0], [2, 0, 0.0, 0.0, 2.0, 2.0]]
+    )
+    dropped = torch.tensor([[True, False], [False, True], [False, False]])
+    blank_boxes(rgb, event, dropped, targets, margin=0.0)
+    cover = box_cover(targets, 3, (8, 12), 0.0)
+    for k, (got, old) in enumerate(zip((rgb, event), before)):
+        elsewhere = old.roll((4, 6), dims=(2, 3))
+        for i in range(3):
+            inside = cover[i] & dropped[i, k]
+            assert torch.equal(got[i][:, inside], elsewhere[i][:, inside])
+            assert torch.equal(got[i][:, ~inside], old[i][:, ~inside])
+    assert int(dropped.sum()) == 2 and not torch.equal(rgb[0], before[0][0])

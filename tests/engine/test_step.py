@@ -12,7 +12,8 @@ import torch
 
 import fredfusion.engine.step as step_mod
 from fredfusion.config import load_config
-from fredfusion.data.blanking import blank_frames
+from fredfusion.data import blanking
+from fredfusion.data.blanking import blank_frames, box_cover
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import BatchLoader, DeviceBatch
 from fredfusion.engine.step import TrainStep
@@ -51,8 +52,10 @@ def _inputs(
         got["keep"] = keep.clone()
         return blank_frames(rgb, event, keep)
 
-    def optimize(_wrapped: Any, rgb: torch.Tensor, event: torch.Tensor, *_rest: Any) -> Any:
-        got["rgb"], got["event"] = rgb, event
+    def optimize(
+        _wrapped: Any, rgb: torch.Tensor, event: torch.Tensor, targets: torch.Tensor, *_: Any
+    ) -> Any:
+        got["rgb"], got["event"], got["targets"] = rgb, event, targets
         return None
 
     monkeypatch.setattr(step_mod, "blank_frames", blank)
@@ -103,6 +106,41 @@ def test_dropout_is_reproducible_and_leaves_the_augmentation_alone(
     for k, kind in enumerate(("rgb", "event")):
         kept = first["keep"][:, k]
         assert torch.equal(first[kind][kept], plain[kind][kept]), kind  # the same augmented frames
+
+
+def test_box_dropout_replaces_one_modality_inside_the_boxes_only(
+    tiny_prepared: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """``modality_dropout_region: boxes``: unpaired images still lose their missing modality whole;
+    every true pair (share 1.0) is drawn for exactly one modality, changed only inside its grown boxes."""
+    batch = _split_batch(tiny_prepared, "any")
+    present = batch.present
+    assert present is not None
+    plain = _inputs(_step(tiny_prepared, pairs="any"), batch, monkeypatch)
+    drawn: dict[str, torch.Tensor] = {}
+
+    def blank_boxes(
+        rgb: torch.Tensor, event: torch.Tensor, dropped: torch.Tensor, *rest: Any, **kw: Any
+    ) -> Any:
+        drawn["dropped"] = dropped.clone()
+        return blanking.blank_boxes(rgb, event, dropped, *rest, **kw)
+
+    monkeypatch.setattr(step_mod, "blank_boxes", blank_boxes)
+    got = _inputs(
+        _step(tiny_prepared, pairs="any", modality_dropout=1.0, modality_dropout_region="boxes"),
+        batch,
+        monkeypatch,
+    )
+    assert torch.equal(got["keep"], present)  # the whole-frame blanking: the missing frames only
+    assert torch.equal(got["targets"], plain["targets"])
+    cover = box_cover(got["targets"], len(present), got["rgb"].shape[-2:]).unsqueeze(1)
+    changed = torch.stack([(got[k] != plain[k]).flatten(1).any(1) for k in ("rgb", "event")], 1)
+    dropped, pairs = drawn["dropped"], present.all(1)
+    assert bool((dropped[pairs].sum(1) == 1).all()) and not bool(dropped[~pairs].any())  # one side
+    assert not bool((changed & ~dropped).any())  # only the drawn modality changed
+    assert bool(changed[:, 0].any()) and bool(changed[:, 1].any())  # both sides drawn and replaced
+    for k in ("rgb", "event"):
+        assert torch.equal(got[k] * ~cover, plain[k] * ~cover)  # nothing outside the boxes moved
 
 
 def test_runs_without_missing_or_dropped_modalities_do_not_blank(

@@ -9,6 +9,15 @@ shows an unpaired image already holds zeros where its missing frame would be.
 ``keep_masks`` decides per sample which modalities stay, from the frames each image has (``present``)
 and, with modality dropout, random draws: a share of the true pairs gets RGB or events (50/50) blanked,
 never both. Everything stays on the device: one ``rand`` per batch and masks, no value read on the host.
+
+Dropout can also blank only the boxes (``blank_boxes``): the dropped modality keeps its frame but the
+area of each target box (with a margin) shows that modality's content from elsewhere in the same
+batch (the batch rolled by half its height and width). The sample then looks like a scene where that
+modality is blind at the drone only (events of a hovering drone, RGB at night) while its background
+statistics stay real; a whole blank frame is a cue of its own that such scenes never show. With spared
+parts (``spared_parts``) a random part of each box keeps its content: the modality then shows only
+part of the drone (the body of a hovering drone without its still rotors), so the box's extent has
+to come from the other modality.
 """
 
 from __future__ import annotations
@@ -16,7 +25,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["blank_frames", "keep_masks"]
+__all__ = [
+    "BOX_MARGIN",
+    "MAX_SPARED",
+    "blank_boxes",
+    "blank_frames",
+    "box_cover",
+    "keep_masks",
+    "spared_parts",
+]
+
+BOX_MARGIN = 0.25
+"""Share of a box's width / height added on each side of the area ``blank_boxes`` replaces."""
+MAX_SPARED = 0.8
+"""Largest share of a box's width / height that ``spared_parts`` leaves in place."""
 
 
 def keep_masks(
@@ -56,3 +78,86 @@ def blank_frames(
         if frames is not None:
             frames.mul_(keep[:, k].view(-1, 1, 1, 1).to(frames.dtype))
     return rgb, event
+
+
+def box_cover(
+    targets: Tensor,
+    batch: int,
+    hw: tuple[int, int],
+    margin: float = BOX_MARGIN,
+    spared: Tensor | None = None,
+) -> Tensor:
+    """``(batch, H, W)`` bool: the pixels inside any box of each image, each box grown by ``margin``
+    of its size on every side. ``targets`` ``(K, 6)`` ``[image, class, x1, y1, x2, y2]`` in pixels;
+    rows with a negative image index hold no box. ``spared`` ``(K, 3)`` in [0, 1) leaves a part of
+    each box out: a rectangle of ``spared[:, 0]`` of the box's width and height, placed at the
+    fractions ``spared[:, 1:]`` of the free room (0: left / top); pixels in a spared part stay out.
+    Rectangles are painted by a summed-area table (four corner increments and two cumulative sums):
+    cost O(K + batch * H * W), no host read."""
+    valid = (targets[:, 0] >= 0).to(torch.int32)
+    img = targets[:, 0].clamp(min=0).long()
+    x1, y1, x2, y2 = targets[:, 2:6].unbind(1)
+    grow_x, grow_y = margin * (x2 - x1), margin * (y2 - y1)
+    cover = _painted(img, valid, (x1 - grow_x, y1 - grow_y, x2 + grow_x, y2 + grow_y), batch, hw) > 0
+    if spared is None:
+        return cover
+    size, at_x, at_y = spared.unbind(1)
+    sx1 = x1 + at_x * (1 - size) * (x2 - x1)
+    sy1 = y1 + at_y * (1 - size) * (y2 - y1)
+    inner = (sx1, sy1, sx1 + size * (x2 - x1), sy1 + size * (y2 - y1))
+    return cover & (_painted(img, valid, inner, batch, hw, inwards=True) == 0)
+
+
+def _painted(
+    img: Tensor,
+    weight: Tensor,
+    box: tuple[Tensor, Tensor, Tensor, Tensor],
+    batch: int,
+    hw: tuple[int, int],
+    inwards: bool = False,
+) -> Tensor:
+    """``(batch, H, W)`` int32: how many of the rectangles ``box`` (x1, y1, x2, y2 in pixels, of image
+    ``img``, counted ``weight`` times) cover each pixel; snapped outwards to whole pixels, or inwards
+    (only the pixels wholly inside) with ``inwards``."""
+    h, w = hw
+    low, high = (torch.ceil, torch.floor) if inwards else (torch.floor, torch.ceil)
+    x1, x2 = (f(v).clamp(0, w).long() for f, v in ((low, box[0]), (high, box[2])))
+    y1, y2 = (f(v).clamp(0, h).long() for f, v in ((low, box[1]), (high, box[3])))
+    weight = weight * ((x2 > x1) & (y2 > y1))  # an inner part snapped to nothing paints nothing
+    corners = torch.zeros((batch, h + 1, w + 1), dtype=torch.int32, device=img.device)
+    for ys, xs, sign in ((y1, x1, 1), (y1, x2, -1), (y2, x1, -1), (y2, x2, 1)):
+        corners.index_put_((img, ys, xs), weight * sign, accumulate=True)
+    return corners.cumsum(1).cumsum(2)[:, :h, :w]
+
+
+def blank_boxes(
+    rgb: Tensor | None,
+    event: Tensor | None,
+    dropped: Tensor,
+    targets: Tensor,
+    margin: float = BOX_MARGIN,
+    spared: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Blank only the boxes of the dropped modality: where ``dropped`` ``(B, 2)`` bool is True (RGB
+    column 0, events column 1), the pixels of that sample inside its grown target boxes (less their
+    ``spared`` parts) take the values of the batch rolled by (H/2, W/2), in place. ``targets``,
+    ``margin`` and ``spared`` as in :func:`box_cover`."""
+    frames = rgb if rgb is not None else event
+    if frames is None:
+        return rgb, event
+    batch, _, h, w = frames.shape
+    cover = box_cover(targets, batch, (h, w), margin, spared).unsqueeze(1)
+    for k, modality in enumerate((rgb, event)):
+        if modality is not None:
+            mask = cover & dropped[:, k].view(-1, 1, 1, 1)
+            elsewhere = modality.roll((h // 2, w // 2), dims=(2, 3))
+            modality.copy_(torch.where(mask, elsewhere, modality))
+    return rgb, event
+
+
+def spared_parts(rows: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """``(rows, 3)`` random spared parts for :func:`box_cover`: a size uniform in [0, MAX_SPARED) of
+    each box and a uniform place, drawn with ``generator`` (on ``device`` or the CPU), no host read."""
+    source = generator.device if generator is not None else device
+    draws = torch.rand((rows, 3), generator=generator, device=source).to(device, non_blocking=True)
+    return torch.cat((draws[:, :1] * MAX_SPARED, draws[:, 1:]), 1)

@@ -64,6 +64,13 @@ def open_run_data(cfg: TrainConfig, log: Callable[[str], None]) -> RunData:
     return data
 
 
+DROPOUT_REGION_WORDS = {
+    "image": "whole frame, zeros",
+    "boxes": "target boxes only, filled from elsewhere in the batch",
+    "box_parts": "target boxes less a random part of each, filled from elsewhere in the batch",
+}
+
+
 def blanking_lines(cfg: TrainConfig, train: PreparedDataset) -> list[str]:
     """What a dual run blanks (``data.blanking``): its unpaired train images and the modality dropout."""
     if cfg.modality != "dual":
@@ -79,7 +86,8 @@ def blanking_lines(cfg: TrainConfig, train: PreparedDataset) -> list[str]:
     if cfg.modality_dropout > 0:
         lines.append(
             f"modality dropout: {cfg.modality_dropout:g} of the true pairs trained with RGB or events "
-            f"blanked (zeros, 50/50, drawn per sample on the device)"
+            f"blanked ({DROPOUT_REGION_WORDS[cfg.modality_dropout_region]}, 50/50, drawn per sample on "
+            f"the device)"
         )
     return lines
 

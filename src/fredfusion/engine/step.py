@@ -13,7 +13,7 @@ from torch import nn
 
 from fredfusion.config import TrainConfig
 from fredfusion.data.augment import AugmentConfig, augment_batch
-from fredfusion.data.blanking import blank_frames, keep_masks
+from fredfusion.data.blanking import blank_boxes, blank_frames, keep_masks, spared_parts
 from fredfusion.data.loader import DeviceBatch
 from fredfusion.engine.compiled import compile_callable, mark_step_begin
 from fredfusion.engine.ema import ModelEMA, unwrap
@@ -110,7 +110,14 @@ class TrainStep:
         if self.blanking:
             share, draws = self.cfg.modality_dropout, self._dropout_generator(generator)
             keep = keep_masks(batch.present, len(batch.ids), share, draws, self.device)
-            rgb, event = blank_frames(rgb, event, keep)
+            region = self.cfg.modality_dropout_region
+            if region != "image":  # unpaired frames whole, dropout the boxes
+                present = keep_masks(batch.present, len(batch.ids), 0.0, None, self.device)
+                spared = spared_parts(len(targets), draws, self.device) if region == "box_parts" else None
+                rgb, event = blank_frames(rgb, event, present)
+                rgb, event = blank_boxes(rgb, event, present & ~keep, targets, spared=spared)
+            else:
+                rgb, event = blank_frames(rgb, event, keep)
         return self.optimize(wrapped, rgb, event, targets, len(batch.ids))
 
     def _dropout_generator(self, generator: torch.Generator) -> torch.Generator:
