@@ -15,6 +15,7 @@ from fredfusion.data.blanking import (
     blank_frames,
     box_cover,
     keep_masks,
+    shows,
     spared_parts,
 )
 
@@ -152,20 +153,45 @@ def test_box_cover_of_no_box_is_empty() -> None:
     assert not bool(box_cover(torch.zeros((0, 6)), 2, (4, 6)).any())
 
 
-def test_blank_boxes_replaces_only_the_dropped_modality_inside_its_boxes() -> None:
+def _scene() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Five 16x24 frame pairs, one 6x4 box each at (8, 6): RGB and events both show it (0); a night
+    frame whose RGB does not (1); a hovering drone without events (2); both show it (3, 4)."""
     torch.manual_seed(0)
-    rgb, event = torch.rand(3, 3, 8, 12), torch.rand(3, 3, 8, 12)
-    before = rgb.clone(), event.clone()
-    targets = torch.tensor(
-        [[0, 0, 1.0, 1.0, 4.0, 3.0], [1, 0, 6.0, 2.0, 9.0, 6.0], [2, 0, 0.0, 0.0, 2.0, 2.0]]
+    rgb = 0.7 + 0.01 * torch.rand(5, 3, 16, 24)  # bright sky
+    rgb[1] = 0.05 + 0.01 * torch.rand(3, 16, 24)  # night
+    event = torch.zeros(5, 3, 16, 24)
+    event[:, :, 0, ::5] = 1.0  # a few background events in every frame
+    for i in range(5):
+        rgb[i, :, 6:10, 8:14] = 0.06 if i == 1 else 0.2  # the drone: dark, as dark as the night sky
+        if i != 2:
+            event[i, :, 6:10, 8:14:2] = 1.0  # half its pixels fire, except while hovering
+    targets = torch.tensor([[i, 0, 8.0, 6.0, 14.0, 10.0] for i in range(5)])
+    return rgb, event, targets
+
+
+def test_shows_tells_which_modality_shows_each_box() -> None:
+    rgb, event, targets = _scene()
+    with_invalid = torch.cat((targets, torch.tensor([[-1.0, -1, 0, 0, 0, 0]])))
+    expected = torch.tensor(
+        [[True, True], [False, True], [True, False], [True, True], [True, True], [False, False]]
     )
-    dropped = torch.tensor([[True, False], [False, True], [False, False]])
+    assert torch.equal(shows(rgb, event, with_invalid), expected)
+    event[3] = (torch.rand(3, 16, 24) < 0.4).float()  # noise everywhere: the box is no denser than the rest
+    assert not bool(shows(rgb, event, targets)[3, 1])
+
+
+def test_blank_boxes_replaces_a_dropped_modality_only_where_the_other_shows_the_box() -> None:
+    rgb, event, targets = _scene()
+    before = rgb.clone(), event.clone()
+    # dropped: events where RGB shows (0), events at night (1), RGB while hovering (2), RGB (3), none (4)
+    dropped = torch.tensor([[False, True], [False, True], [True, False], [True, False], [False, False]])
     blank_boxes(rgb, event, dropped, targets, margin=0.0)
-    cover = box_cover(targets, 3, (8, 12), 0.0)
+    replaced = torch.tensor([[False, True], [False, False], [False, False], [True, False], [False, False]])
+    cover = box_cover(targets, 5, (16, 24), 0.0)
     for k, (got, old) in enumerate(zip((rgb, event), before)):
-        elsewhere = old.roll((4, 6), dims=(2, 3))
-        for i in range(3):
-            inside = cover[i] & dropped[i, k]
+        elsewhere = old.roll((8, 12), dims=(2, 3))
+        for i in range(5):
+            inside = cover[i] & replaced[i, k]
             assert torch.equal(got[i][:, inside], elsewhere[i][:, inside])
             assert torch.equal(got[i][:, ~inside], old[i][:, ~inside])
-    assert int(dropped.sum()) == 2 and not torch.equal(rgb[0], before[0][0])
+    assert not torch.equal(event[0], before[1][0]) and not torch.equal(rgb[3], before[0][3])

@@ -14,7 +14,10 @@ Dropout can also blank only the boxes (``blank_boxes``): the dropped modality ke
 area of each target box (with a margin) shows that modality's content from elsewhere in the same
 batch (the batch rolled by half its height and width). The sample then looks like a scene where that
 modality is blind at the drone only (events of a hovering drone, RGB at night) while its background
-statistics stay real; a whole blank frame is a cue of its own that such scenes never show. With spared
+statistics stay real; a whole blank frame is a cue of its own that such scenes never show. A box is
+blanked in one modality only where the other shows the drone (``shows``: the RGB box stands out from
+its surroundings, the event box holds many events): blanking events where the RGB is dark too would
+teach the model to find drones that neither input shows, which costs it the night. With spared
 parts (``spared_parts``) a random part of each box keeps its content: the modality then shows only
 part of the drone (the body of a hovering drone without its still rotors), so the box's extent has
 to come from the other modality.
@@ -27,16 +30,26 @@ from torch import Tensor
 
 __all__ = [
     "BOX_MARGIN",
+    "EVENT_DENSITY",
+    "EVENT_OVER_BACKGROUND",
     "MAX_SPARED",
+    "RGB_CONTRAST",
     "blank_boxes",
     "blank_frames",
     "box_cover",
     "keep_masks",
+    "shows",
     "spared_parts",
 ]
 
 BOX_MARGIN = 0.25
 """Share of a box's width / height added on each side of the area ``blank_boxes`` replaces."""
+RGB_CONTRAST = 0.05
+"""Least difference of mean grey level (0-1) between a box and its ring for RGB to show the drone."""
+EVENT_DENSITY = 0.1
+"""Least share of a box's pixels with an event for the events to show the drone ..."""
+EVENT_OVER_BACKGROUND = 3.0
+"""... which must also be this many times the share of the whole frame's pixels with an event."""
 MAX_SPARED = 0.8
 """Largest share of a box's width / height that ``spared_parts`` leaves in place."""
 
@@ -86,15 +99,17 @@ def box_cover(
     hw: tuple[int, int],
     margin: float = BOX_MARGIN,
     spared: Tensor | None = None,
+    rows: Tensor | None = None,
 ) -> Tensor:
     """``(batch, H, W)`` bool: the pixels inside any box of each image, each box grown by ``margin``
     of its size on every side. ``targets`` ``(K, 6)`` ``[image, class, x1, y1, x2, y2]`` in pixels;
-    rows with a negative image index hold no box. ``spared`` ``(K, 3)`` in [0, 1) leaves a part of
-    each box out: a rectangle of ``spared[:, 0]`` of the box's width and height, placed at the
-    fractions ``spared[:, 1:]`` of the free room (0: left / top); pixels in a spared part stay out.
-    Rectangles are painted by a summed-area table (four corner increments and two cumulative sums):
-    cost O(K + batch * H * W), no host read."""
-    valid = (targets[:, 0] >= 0).to(torch.int32)
+    rows with a negative image index hold no box, nor do those ``rows`` ``(K,)`` bool leaves out.
+    ``spared`` ``(K, 3)`` in [0, 1) leaves a part of each box out: a rectangle of ``spared[:, 0]`` of
+    the box's width and height, placed at the fractions ``spared[:, 1:]`` of the free room (0: left /
+    top); pixels in a spared part stay out. Rectangles are painted by a summed-area table (four corner
+    increments and two cumulative sums): cost O(K + batch * H * W), no host read."""
+    valid = targets[:, 0] >= 0
+    valid = (valid if rows is None else valid & rows).to(torch.int32)
     img = targets[:, 0].clamp(min=0).long()
     x1, y1, x2, y2 = targets[:, 2:6].unbind(1)
     grow_x, grow_y = margin * (x2 - x1), margin * (y2 - y1)
@@ -131,28 +146,79 @@ def _painted(
 
 
 def blank_boxes(
-    rgb: Tensor | None,
-    event: Tensor | None,
+    rgb: Tensor,
+    event: Tensor,
     dropped: Tensor,
     targets: Tensor,
     margin: float = BOX_MARGIN,
     spared: Tensor | None = None,
-) -> tuple[Tensor | None, Tensor | None]:
-    """Blank only the boxes of the dropped modality: where ``dropped`` ``(B, 2)`` bool is True (RGB
-    column 0, events column 1), the pixels of that sample inside its grown target boxes (less their
-    ``spared`` parts) take the values of the batch rolled by (H/2, W/2), in place. ``targets``,
+) -> tuple[Tensor, Tensor]:
+    """Blank only the boxes of the dropped modality where the other one shows them: for each target
+    box whose sample has ``dropped`` ``(B, 2)`` True for RGB (column 0) or events (column 1), and
+    whose other modality shows the drone (:func:`shows`), the pixels inside the grown box (less its
+    ``spared`` part) take the values of the batch rolled by (H/2, W/2), in place. ``targets``,
     ``margin`` and ``spared`` as in :func:`box_cover`."""
-    frames = rgb if rgb is not None else event
-    if frames is None:
-        return rgb, event
-    batch, _, h, w = frames.shape
-    cover = box_cover(targets, batch, (h, w), margin, spared).unsqueeze(1)
-    for k, modality in enumerate((rgb, event)):
-        if modality is not None:
-            mask = cover & dropped[:, k].view(-1, 1, 1, 1)
-            elsewhere = modality.roll((h // 2, w // 2), dims=(2, 3))
-            modality.copy_(torch.where(mask, elsewhere, modality))
+    batch, _, h, w = rgb.shape
+    seen = shows(rgb, event, targets)
+    img = targets[:, 0].clamp(min=0).long()
+    for k, frames in enumerate((rgb, event)):
+        rows = dropped[img, k] & seen[:, 1 - k]
+        cover = box_cover(targets, batch, (h, w), margin, spared, rows).unsqueeze(1)
+        frames.copy_(torch.where(cover, frames.roll((h // 2, w // 2), dims=(2, 3)), frames))
     return rgb, event
+
+
+def shows(rgb: Tensor, event: Tensor, targets: Tensor) -> Tensor:
+    """``(K, 2)`` bool: whether RGB (column 0) and events (column 1) show each target box.
+
+    RGB shows a box when its mean grey level differs from that of the ring around it (the box grown by
+    BOX_MARGIN) by at least RGB_CONTRAST; events show it when at least EVENT_DENSITY of its pixels
+    have an event and that share is EVENT_OVER_BACKGROUND times the frame's. ``rgb`` / ``event``
+    ``(B, 3, H, W)`` in [0, 1]; sums by integral images, no host read. Rows without a box: False."""
+    h, w = rgb.shape[-2:]
+    grey = _integral(rgb.mean(1))
+    fired = _integral((event.amax(1) > 0).to(rgb.dtype))
+    img = targets[:, 0].clamp(min=0).long()
+    x1, y1, x2, y2 = targets[:, 2:6].unbind(1)
+    gx, gy = BOX_MARGIN * (x2 - x1), BOX_MARGIN * (y2 - y1)
+    box = _snapped((x1, y1, x2, y2), (h, w))
+    grown = _snapped((x1 - gx, y1 - gy, x2 + gx, y2 + gy), (h, w))
+    area, grown_area = _area(box), _area(grown)
+    inside = _box_sum(grey, img, box) / area.clamp(min=1)
+    ring = (_box_sum(grey, img, grown) - _box_sum(grey, img, box)) / (grown_area - area).clamp(min=1)
+    density = _box_sum(fired, img, box) / area.clamp(min=1)
+    background = fired[img, h, w] / (h * w)
+    valid = (targets[:, 0] >= 0) & (area > 0)
+    rgb_shows = valid & ((inside - ring).abs() >= RGB_CONTRAST)
+    event_shows = valid & (density >= EVENT_DENSITY) & (density >= EVENT_OVER_BACKGROUND * background)
+    return torch.stack((rgb_shows, event_shows), 1)
+
+
+def _integral(x: Tensor) -> Tensor:
+    """``(B, H + 1, W + 1)`` summed-area table of ``x`` ``(B, H, W)`` (float64: exact enough at 4K)."""
+    return torch.nn.functional.pad(x.to(torch.float64).cumsum(1).cumsum(2), (1, 0, 1, 0))
+
+
+def _snapped(box: tuple[Tensor, Tensor, Tensor, Tensor], hw: tuple[int, int]) -> tuple[Tensor, ...]:
+    """Box corners snapped outwards to whole pixels and clipped to the frame, as long integers."""
+    h, w = hw
+    x1, y1, x2, y2 = box
+    return (
+        x1.floor().clamp(0, w).long(),
+        y1.floor().clamp(0, h).long(),
+        x2.ceil().clamp(0, w).long(),
+        y2.ceil().clamp(0, h).long(),
+    )
+
+
+def _area(box: tuple[Tensor, ...]) -> Tensor:
+    return ((box[2] - box[0]) * (box[3] - box[1])).to(torch.float64)
+
+
+def _box_sum(table: Tensor, img: Tensor, box: tuple[Tensor, ...]) -> Tensor:
+    """The sum of the values inside each box of image ``img`` from the summed-area ``table``."""
+    x1, y1, x2, y2 = box
+    return table[img, y2, x2] - table[img, y1, x2] - table[img, y2, x1] + table[img, y1, x1]
 
 
 def spared_parts(rows: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
