@@ -103,6 +103,7 @@ class TrainConfig:
     hsv_v: float = 0.4
     modality_dropout: float = 0.0  # dual: chance that a true pair trains with RGB or events blanked
     modality_dropout_region: str = "image"  # what dropout blanks: the whole frame or the boxes only
+    modality_dropout_side: str = "both"  # which modality dropout blanks: both (50/50), rgb or event
     # precision and speed
     fp16: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
     channels_last: bool = True
@@ -191,12 +192,14 @@ FIELD_HELP: dict[str, str] = {
     "hsv_v": "value (brightness) jitter of RGB frames",
     "modality_dropout": (
         "share of the true pairs trained with one modality blanked, drawn per sample and step "
-        "(dual models; RGB or events 50/50; what is blanked: modality_dropout_region)"
+        "(dual models; which modality: modality_dropout_side; what is blanked: modality_dropout_region)"
     ),
+    "modality_dropout_side": "which modality dropout blanks: both (RGB or events, 50/50), rgb or event",
     "modality_dropout_region": (
         "what modality dropout blanks: image (the whole frame, zeros), boxes (the grown target boxes "
-        "take that modality's content from elsewhere in the batch, the rest of the frame stays) or "
-        "box_parts (as boxes, but a random part of each box, up to 80% of its size, is spared)"
+        "where the other modality shows them take that modality's content from elsewhere in the frame; "
+        "the rest of the frame stays) or box_parts (as boxes, but a random part of each box, up to 80% "
+        "of its size, is spared)"
     ),
     "fp16": "mixed precision on a GPU (bf16 where supported, else fp16)",
     "channels_last": "channels-last memory format",
@@ -276,6 +279,7 @@ CHOICES = {
     "lr_decay_type": ("cos", "step", "linear"),
     "pairs": ("required", "dual", "any"),
     "modality_dropout_region": ("image", "boxes", "box_parts"),
+    "modality_dropout_side": ("both", "rgb", "event"),
     "best_metric": ("mAP50", "mAP50_95", "val_loss"),
     "compile_mode": COMPILE_MODES,
 }

@@ -12,7 +12,7 @@ never both. Everything stays on the device: one ``rand`` per batch and masks, no
 
 Dropout can also blank only the boxes (``blank_boxes``): the dropped modality keeps its frame but the
 area of each target box (with a margin) shows that modality's content from elsewhere in the same
-batch (the batch rolled by half its height and width). The sample then looks like a scene where that
+frame (the frame rolled by half its height and width). The sample then looks like a scene where that
 modality is blind at the drone only (events of a hovering drone, RGB at night) while its background
 statistics stay real; a whole blank frame is a cue of its own that such scenes never show. A box is
 blanked in one modality only where the other shows the drone (``shows``: the RGB box stands out from
@@ -60,13 +60,14 @@ def keep_masks(
     share: float,
     generator: torch.Generator | None,
     device: torch.device,
+    event_side: float = 0.5,
 ) -> Tensor:
     """``(batch, 2)`` bool on ``device``: whether each sample keeps its RGB (column 0) and event frame.
 
     ``present`` ``(batch, 2)`` bool marks the frames each image has (None: all). With ``share`` > 0 each
-    sample that has both is drawn for dropout with probability ``share`` and then loses RGB or events
-    with probability 1/2 each (``generator`` makes the draws reproducible; it lives on ``device`` or the
-    CPU). A sample never loses its only modality to dropout.
+    sample that has both is drawn for dropout with probability ``share`` and then loses its events with
+    probability ``event_side``, else its RGB (``generator`` makes the draws reproducible; it lives on
+    ``device`` or the CPU). A sample never loses its only modality to dropout.
     """
     keep = (
         torch.ones((batch, 2), dtype=torch.bool, device=device)
@@ -78,8 +79,8 @@ def keep_masks(
     source = generator.device if generator is not None else device
     draws = torch.rand((batch, 2), generator=generator, device=source).to(device, non_blocking=True)
     dropped = (draws[:, 0] < share) & keep.all(1)
-    event_side = draws[:, 1] < 0.5
-    return keep & ~torch.stack((dropped & ~event_side, dropped & event_side), 1)
+    events = draws[:, 1] < event_side
+    return keep & ~torch.stack((dropped & ~events, dropped & events), 1)
 
 
 def blank_frames(
@@ -156,7 +157,7 @@ def blank_boxes(
     """Blank only the boxes of the dropped modality where the other one shows them: for each target
     box whose sample has ``dropped`` ``(B, 2)`` True for RGB (column 0) or events (column 1), and
     whose other modality shows the drone (:func:`shows`), the pixels inside the grown box (less its
-    ``spared`` part) take the values of the batch rolled by (H/2, W/2), in place. ``targets``,
+    ``spared`` part) take the values of its frame rolled by (H/2, W/2), in place. ``targets``,
     ``margin`` and ``spared`` as in :func:`box_cover`."""
     batch, _, h, w = rgb.shape
     seen = shows(rgb, event, targets)

@@ -64,10 +64,12 @@ def open_run_data(cfg: TrainConfig, log: Callable[[str], None]) -> RunData:
     return data
 
 
+DROPOUT_SIDE_WORDS = {"both": "RGB or events (50/50)", "rgb": "their RGB", "event": "their events"}
 DROPOUT_REGION_WORDS = {
     "image": "whole frame, zeros",
-    "boxes": "target boxes only, filled from elsewhere in the batch",
-    "box_parts": "target boxes less a random part of each, filled from elsewhere in the batch",
+    "boxes": "target boxes where the other modality shows them, filled from elsewhere in the frame",
+    "box_parts": "target boxes less a random part of each, where the other modality shows them, "
+    "filled from elsewhere in the frame",
 }
 
 
@@ -85,9 +87,9 @@ def blanking_lines(cfg: TrainConfig, train: PreparedDataset) -> list[str]:
         )
     if cfg.modality_dropout > 0:
         lines.append(
-            f"modality dropout: {cfg.modality_dropout:g} of the true pairs trained with RGB or events "
-            f"blanked ({DROPOUT_REGION_WORDS[cfg.modality_dropout_region]}, 50/50, drawn per sample on "
-            f"the device)"
+            f"modality dropout: {cfg.modality_dropout:g} of the true pairs trained with "
+            f"{DROPOUT_SIDE_WORDS[cfg.modality_dropout_side]} blanked "
+            f"({DROPOUT_REGION_WORDS[cfg.modality_dropout_region]}, drawn per sample on the device)"
         )
     return lines
 

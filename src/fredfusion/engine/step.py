@@ -24,6 +24,8 @@ from fredfusion.model.build import build_loss
 
 DROPOUT_SEED_SALT = 0x5EED_B1A4_D40F
 """Mixed into the augmentation seed to seed the modality dropout stream (an arbitrary constant)."""
+DROPOUT_EVENT_SIDE = {"both": 0.5, "event": 1.0, "rgb": 0.0}
+"""``modality_dropout_side`` -> the chance that a dropped sample loses its events rather than its RGB."""
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
@@ -109,7 +111,8 @@ class TrainStep:
         )
         if self.blanking:
             share, draws = self.cfg.modality_dropout, self._dropout_generator(generator)
-            keep = keep_masks(batch.present, len(batch.ids), share, draws, self.device)
+            side = DROPOUT_EVENT_SIDE[self.cfg.modality_dropout_side]
+            keep = keep_masks(batch.present, len(batch.ids), share, draws, self.device, side)
             region = self.cfg.modality_dropout_region
             if region != "image":  # unpaired frames whole, dropout the boxes
                 present = keep_masks(batch.present, len(batch.ids), 0.0, None, self.device)
