@@ -38,6 +38,15 @@ def test_dropout_blanks_the_share_asked_for_never_both() -> None:
     assert abs(rgb_side.item() - 0.5) < 0.02
 
 
+@pytest.mark.parametrize(("event_side", "rgb_lost", "events_lost"), [(1.0, False, True), (0.0, True, False)])
+def test_dropout_of_one_side_only_blanks_that_modality(
+    event_side: float, rgb_lost: bool, events_lost: bool
+) -> None:
+    keep = keep_masks(None, 4000, 0.4, _gen(2), CPU, event_side)
+    assert bool((~keep[:, 0]).any()) is rgb_lost and bool((~keep[:, 1]).any()) is events_lost
+    assert abs((~keep.all(1)).float().mean().item() - 0.4) < 0.03
+
+
 def test_dropout_draws_are_reproducible_and_follow_the_seed() -> None:
     a = keep_masks(None, 64, 0.5, _gen(7), CPU)
     assert torch.equal(a, keep_masks(None, 64, 0.5, _gen(7), CPU))
