@@ -209,6 +209,15 @@ def test_every_option_has_a_description() -> None:
     assert not bare, bare
 
 
+def test_every_help_page_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` of every command renders (argparse formats each option's text with ``%``)."""
+    for name in ["", *NAMES]:
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"] if name else ["--help"])
+        assert info.value.code == 0, name
+        assert "usage: fredfusion" in capsys.readouterr().out, name
+
+
 def test_no_abbreviations_and_both_spellings(capsys: pytest.CaptureFixture[str]) -> None:
     parser = build_parser()
     args = parser.parse_args(["train", "--batch", "16", "--conf", "0.01", "--iou", "0.5", "--lr", "0.02"])

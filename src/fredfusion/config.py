@@ -198,7 +198,7 @@ FIELD_HELP: dict[str, str] = {
     "modality_dropout_region": (
         "what modality dropout blanks: image (the whole frame, zeros), boxes (the grown target boxes "
         "where the other modality shows them take that modality's content from elsewhere in the frame; "
-        "the rest of the frame stays) or box_parts (as boxes, but a random part of each box, up to 80% "
+        "the rest of the frame stays) or box_parts (as boxes, but a random part of each box, up to 0.8 "
         "of its size, is spared)"
     ),
     "fp16": "mixed precision on a GPU (bf16 where supported, else fp16)",
