@@ -27,7 +27,21 @@ def test_the_unpaired_images_and_the_dropout_are_printed_at_start(tiny_prepared:
         "unpaired: 0 rgb_only + 14 event_only train images (pairs any), "
         "their missing modality blanked (zeros)"
     )
-    assert lines[2].startswith("modality dropout: 0.25 of the true pairs trained with RGB or events blanked")
+    assert lines[2] == (
+        "modality dropout: 0.25 of the true pairs trained with RGB or events (50/50) blanked (whole frame, "
+        "zeros, drawn per sample on the device)"
+    )
+    boxes = _lines(
+        tiny_prepared,
+        modality_dropout=0.3,
+        modality_dropout_region="box_parts",
+        modality_dropout_side="event",
+    )
+    assert boxes[1] == (
+        "modality dropout: 0.3 of the true pairs trained with their events blanked (target boxes less a "
+        "random part of each, where the other modality shows them, filled from elsewhere in the frame, "
+        "drawn per sample on the device)"
+    )
     plain = _lines(tiny_prepared)
     assert "train dual_rate 48/48 (100.0%)" in plain[0]
     assert not any(line.startswith(("unpaired", "modality dropout")) for line in plain)
