@@ -136,9 +136,7 @@ def _painted(
     ``img``, counted ``weight`` times) cover each pixel; snapped outwards to whole pixels, or inwards
     (only the pixels wholly inside) with ``inwards``."""
     h, w = hw
-    low, high = (torch.ceil, torch.floor) if inwards else (torch.floor, torch.ceil)
-    x1, x2 = (f(v).clamp(0, w).long() for f, v in ((low, box[0]), (high, box[2])))
-    y1, y2 = (f(v).clamp(0, h).long() for f, v in ((low, box[1]), (high, box[3])))
+    x1, y1, x2, y2 = _snapped(box, hw, inwards)
     weight = weight * ((x2 > x1) & (y2 > y1))  # an inner part snapped to nothing paints nothing
     corners = torch.zeros((batch, h + 1, w + 1), dtype=torch.int32, device=img.device)
     for ys, xs, sign in ((y1, x1, 1), (y1, x2, -1), (y2, x1, -1), (y2, x2, 1)):
@@ -200,15 +198,19 @@ def _integral(x: Tensor) -> Tensor:
     return torch.nn.functional.pad(x.to(torch.float64).cumsum(1).cumsum(2), (1, 0, 1, 0))
 
 
-def _snapped(box: tuple[Tensor, Tensor, Tensor, Tensor], hw: tuple[int, int]) -> tuple[Tensor, ...]:
-    """Box corners snapped outwards to whole pixels and clipped to the frame, as long integers."""
+def _snapped(
+    box: tuple[Tensor, Tensor, Tensor, Tensor], hw: tuple[int, int], inwards: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Box corners snapped to whole pixels, outwards (every pixel the box touches) or ``inwards`` (the
+    pixels wholly inside), clipped to the frame, as long integers."""
     h, w = hw
+    low, high = (torch.ceil, torch.floor) if inwards else (torch.floor, torch.ceil)
     x1, y1, x2, y2 = box
     return (
-        x1.floor().clamp(0, w).long(),
-        y1.floor().clamp(0, h).long(),
-        x2.ceil().clamp(0, w).long(),
-        y2.ceil().clamp(0, h).long(),
+        low(x1).clamp(0, w).long(),
+        low(y1).clamp(0, h).long(),
+        high(x2).clamp(0, w).long(),
+        high(y2).clamp(0, h).long(),
     )
 
 
