@@ -14,7 +14,7 @@ from tests.shared import TINY_TRAIN
 
 from fredfusion import ablation
 from fredfusion.cli import main
-from fredfusion.config import ConfigError
+from fredfusion.config import ConfigError, TrainConfig
 
 
 def test_variants_from_text_and_from_a_file(tmp_path: Path) -> None:
@@ -235,3 +235,15 @@ def test_the_shipped_fusion_ablation_files_plan_every_scenario_in_test() -> None
     in_test = {part for i, s in split.items() if s == "test" for part in scenarios[i].split("+")}
     in_train = {scenarios[i].split("+")[0] for i, s in split.items() if s == "train"}
     assert in_test == set(scenario_names()) and in_train == set(scenario_names()) - {"edge", "small"}
+
+
+def test_a_saved_run_differs_only_in_what_changes_training() -> None:
+    planned = TrainConfig(modality="dual").to_dict()
+    unused = {**planned, "modality_dropout_region": "box_parts", "modality_dropout_side": "event"}
+    assert ablation._differences(unused, planned) == []  # no dropout: its region and side change nothing
+    assert ablation._differences({**planned, "device": "cuda", "num_workers": 8}, planned) == []
+    dropped = {**planned, "modality_dropout": 0.3}
+    assert ablation._differences({**unused, "modality_dropout": 0.3}, dropped) == [
+        "modality_dropout_region 'box_parts' -> 'image'",
+        "modality_dropout_side 'event' -> 'both'",
+    ]

@@ -277,10 +277,14 @@ def comparable(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _differences(saved: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
     """``key saved -> planned`` for each key that differs; a key the saved config lacks (a run of an
-    earlier version) counts as its default."""
+    earlier version) counts as its default; without dropout, what it would blank does not count."""
     defaults = TrainConfig().to_dict()
     a, b = comparable(saved), comparable(planned)
     a.update({k: defaults[k] for k in b if k not in a and k in defaults})
+    for config in (a, b):
+        if not config.get("modality_dropout"):
+            config.pop("modality_dropout_region", None)
+            config.pop("modality_dropout_side", None)
     return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
