@@ -17,6 +17,8 @@ from fredfusion.files import write_text_atomic
 from fredfusion.spec import (
     ARCHS,
     DEFAULT_INPUT_HW,
+    DROPOUT_REGIONS,
+    DROPOUT_SIDES,
     FUSIONS,
     MODALITIES,
     NMS_IOU,
@@ -278,8 +280,8 @@ CHOICES = {
     "optimizer": ("sgd", "adamw", "adam", "auto"),
     "lr_decay_type": ("cos", "step", "linear"),
     "pairs": ("required", "dual", "any"),
-    "modality_dropout_region": ("image", "boxes", "box_parts"),
-    "modality_dropout_side": ("both", "rgb", "event"),
+    "modality_dropout_region": DROPOUT_REGIONS,
+    "modality_dropout_side": tuple(DROPOUT_SIDES),
     "best_metric": ("mAP50", "mAP50_95", "val_loss"),
     "compile_mode": COMPILE_MODES,
 }

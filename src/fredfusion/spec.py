@@ -23,6 +23,13 @@ FUSIONS: tuple[str, ...] = ("concat", "attention", "early")
 """How a dual model joins its two inputs: per-scale fusion blocks after two backbones (concat,
 attention) or one backbone on the 6-channel stack (early). Ignored by single-modality models."""
 
+DROPOUT_REGIONS: tuple[str, ...] = ("image", "boxes", "box_parts")
+"""What modality dropout blanks in a dual model's input: the whole frame, the target boxes, or the
+target boxes less a random part of each (data/blanking.py)."""
+
+DROPOUT_SIDES: dict[str, float] = {"both": 0.5, "rgb": 0.0, "event": 1.0}
+"""Which modality dropout blanks, with the chance that a dropped sample loses its events (else its RGB)."""
+
 SIZES: dict[str, tuple[float, float]] = {
     "n": (0.33, 0.25),
     "s": (0.33, 0.50),

@@ -112,11 +112,10 @@ def box_cover(
     valid = targets[:, 0] >= 0
     valid = (valid if rows is None else valid & rows).to(torch.int32)
     img = targets[:, 0].clamp(min=0).long()
-    x1, y1, x2, y2 = targets[:, 2:6].unbind(1)
-    grow_x, grow_y = margin * (x2 - x1), margin * (y2 - y1)
-    cover = _painted(img, valid, (x1 - grow_x, y1 - grow_y, x2 + grow_x, y2 + grow_y), batch, hw) > 0
+    cover = _painted(img, valid, _grown(targets, margin), batch, hw) > 0
     if spared is None:
         return cover
+    x1, y1, x2, y2 = targets[:, 2:6].unbind(1)
     size, at_x, at_y = spared.unbind(1)
     sx1 = x1 + at_x * (1 - size) * (x2 - x1)
     sy1 = y1 + at_y * (1 - size) * (y2 - y1)
@@ -178,19 +177,25 @@ def shows(rgb: Tensor, event: Tensor, targets: Tensor) -> Tensor:
     grey = _integral(rgb.mean(1))
     fired = _integral((event.amax(1) > 0).to(rgb.dtype))
     img = targets[:, 0].clamp(min=0).long()
-    x1, y1, x2, y2 = targets[:, 2:6].unbind(1)
-    gx, gy = BOX_MARGIN * (x2 - x1), BOX_MARGIN * (y2 - y1)
-    box = _snapped((x1, y1, x2, y2), (h, w))
-    grown = _snapped((x1 - gx, y1 - gy, x2 + gx, y2 + gy), (h, w))
+    box = _snapped(_grown(targets, 0.0), (h, w))
+    grown = _snapped(_grown(targets, BOX_MARGIN), (h, w))
     area, grown_area = _area(box), _area(grown)
-    inside = _box_sum(grey, img, box) / area.clamp(min=1)
-    ring = (_box_sum(grey, img, grown) - _box_sum(grey, img, box)) / (grown_area - area).clamp(min=1)
+    box_grey = _box_sum(grey, img, box)
+    inside = box_grey / area.clamp(min=1)
+    ring = (_box_sum(grey, img, grown) - box_grey) / (grown_area - area).clamp(min=1)
     density = _box_sum(fired, img, box) / area.clamp(min=1)
     background = fired[img, h, w] / (h * w)
     valid = (targets[:, 0] >= 0) & (area > 0)
     rgb_shows = valid & ((inside - ring).abs() >= RGB_CONTRAST)
     event_shows = valid & (density >= EVENT_DENSITY) & (density >= EVENT_OVER_BACKGROUND * background)
     return torch.stack((rgb_shows, event_shows), 1)
+
+
+def _grown(targets: Tensor, margin: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The corners (x1, y1, x2, y2) of each target box grown by ``margin`` of its size on every side."""
+    x1, y1, x2, y2 = targets[:, 2:6].unbind(1)
+    grow_x, grow_y = margin * (x2 - x1), margin * (y2 - y1)
+    return x1 - grow_x, y1 - grow_y, x2 + grow_x, y2 + grow_y
 
 
 def _integral(x: Tensor) -> Tensor:

@@ -21,11 +21,10 @@ from fredfusion.engine.optim import build_optimizer, prepare_state, scaled_lr
 from fredfusion.engine.runtime import autocast
 from fredfusion.engine.step_guard import StepGuard
 from fredfusion.model.build import build_loss
+from fredfusion.spec import DROPOUT_SIDES
 
 DROPOUT_SEED_SALT = 0x5EED_B1A4_D40F
 """Mixed into the augmentation seed to seed the modality dropout stream (an arbitrary constant)."""
-DROPOUT_EVENT_SIDE = {"both": 0.5, "event": 1.0, "rgb": 0.0}
-"""``modality_dropout_side`` -> the chance that a dropped sample loses its events rather than its RGB."""
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
@@ -111,7 +110,7 @@ class TrainStep:
         )
         if self.blanking:
             share, draws = self.cfg.modality_dropout, self._dropout_generator(generator)
-            side = DROPOUT_EVENT_SIDE[self.cfg.modality_dropout_side]
+            side = DROPOUT_SIDES[self.cfg.modality_dropout_side]
             keep = keep_masks(batch.present, len(batch.ids), share, draws, self.device, side)
             region = self.cfg.modality_dropout_region
             if region != "image":  # unpaired frames whole, dropout the boxes
