@@ -14,7 +14,7 @@ from tests.shared import TINY_TRAIN
 
 from fredfusion import ablation
 from fredfusion.cli import main
-from fredfusion.config import ConfigError, TrainConfig
+from fredfusion.config import ConfigError, TrainConfig, apply_overrides, resolved
 
 
 def test_variants_from_text_and_from_a_file(tmp_path: Path) -> None:
@@ -220,15 +220,26 @@ def test_the_shipped_fusion_ablation_files_plan_every_scenario_in_test() -> None
 
     root = Path(__file__).resolve().parents[1] / "configs"
     variants, seeds, recipe = ablation.read_variants_file(root / "ablation_fusion.yaml")
-    assert (
-        seeds == [0, 1, 2]
-        and recipe == {}
-        and variants[:2]
-        == [
-            ablation.Variant("rgb", "rgb"),
-            ablation.Variant("event", "event"),
-        ]
+    assert seeds == [0, 1, 2] and variants[:2] == [
+        ablation.Variant("rgb", "rgb"),
+        ablation.Variant("event", "event"),
+    ]
+    # the recipe switches the fusion training options off; the last variant is what dual trains by default
+    options = (
+        "pairs",
+        "modality_dropout",
+        "modality_dropout_region",
+        "modality_dropout_side",
+        "modality_dropout_ramp",
     )
+    off = resolved(apply_overrides(TrainConfig(modality="dual"), recipe).to_dict())
+    assert (off["pairs"], off["modality_dropout"]) == ("required", 0.0)
+    last = variants[-1]
+    planned = apply_overrides(TrainConfig(), {**recipe, "modality": last.modality, **dict(last.options)})
+    default = TrainConfig(modality="dual", fusion=last.fusion)
+    assert {k: resolved(planned.to_dict())[k] for k in options} == {
+        k: resolved(default.to_dict())[k] for k in options
+    }
     split = read_split_file(root / "ablation_split.txt")
     scenarios = plan_scenarios(14, seed=15)  # the sample the split file names
     assert sorted(split) == list(range(14))
@@ -238,12 +249,21 @@ def test_the_shipped_fusion_ablation_files_plan_every_scenario_in_test() -> None
 
 
 def test_a_saved_run_differs_only_in_what_changes_training() -> None:
-    planned = TrainConfig(modality="dual").to_dict()
+    off = {"modality_dropout": 0.0, "modality_dropout_region": "image", "modality_dropout_side": "both"}
+    planned = {**TrainConfig(modality="dual").to_dict(), **off}
     unused = {**planned, "modality_dropout_region": "box_parts", "modality_dropout_side": "event"}
-    assert ablation._differences(unused, planned) == []  # no dropout: its region and side change nothing
+    assert ablation._differences(unused, planned) == []  # no dropout: its region, side, ramp change nothing
+    assert ablation._differences({**unused, "modality_dropout_ramp": 0.5}, planned) == []
     assert ablation._differences({**planned, "device": "cuda", "num_workers": 8}, planned) == []
     dropped = {**planned, "modality_dropout": 0.3}
     assert ablation._differences({**unused, "modality_dropout": 0.3}, dropped) == [
         "modality_dropout_region 'box_parts' -> 'image'",
         "modality_dropout_side 'event' -> 'both'",
     ]
+    # auto resolves by modality: a dual run's auto share is 0.3, its auto pairs any
+    default = TrainConfig(modality="dual").to_dict()
+    explicit = {**default, "pairs": "any", "modality_dropout": 0.3}
+    assert ablation._differences(default, explicit) == []
+    # a run saved before the ramp existed dropped from the first step
+    old = {k: v for k, v in default.items() if k != "modality_dropout_ramp"}
+    assert ablation._differences(old, default) == ["modality_dropout_ramp 0.0 -> 0.5"]

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from fredfusion.config import ConfigError, TrainConfig, apply_overrides, load_yaml, resolve_key
+from fredfusion.config import ConfigError, TrainConfig, apply_overrides, load_yaml, resolve_key, resolved
 from fredfusion.eval.report import format_table
 from fredfusion.files import write_json_atomic, write_text_atomic
 from fredfusion.spec import FUSIONS, MODALITIES
@@ -270,21 +270,33 @@ def _resolved_options(
     return values
 
 
+BEFORE_KEY = {
+    "modality_dropout_region": "image",
+    "modality_dropout_side": "both",
+    "modality_dropout_ramp": 0.0,
+}
+"""What runs saved before these keys existed did: whole-frame dropout, RGB or events 50/50, from the
+first step."""
+
+
 def comparable(config: Mapping[str, Any]) -> dict[str, Any]:
     """A saved or planned config without the keys that do not change what a run learns."""
     return {k: v for k, v in config.items() if k not in RUNTIME}
 
 
 def _differences(saved: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
-    """``key saved -> planned`` for each key that differs; a key the saved config lacks (a run of an
-    earlier version) counts as its default; without dropout, what it would blank does not count."""
-    defaults = TrainConfig().to_dict()
+    """``key saved -> planned`` for each key that differs, ``auto`` choices resolved on both sides and
+    the dropout's region and side left out where there is no dropout; a key the saved config lacks (a
+    run of an earlier version) counts as what runs did before it existed (BEFORE_KEY) or its default."""
+    defaults = {**TrainConfig().to_dict(), **BEFORE_KEY}
     a, b = comparable(saved), comparable(planned)
     a.update({k: defaults[k] for k in b if k not in a and k in defaults})
-    for config in (a, b):
+    a, b = resolved(a), resolved(b)
+    for config in (a, b):  # without dropout, what it would blank does not matter
         if not config.get("modality_dropout"):
             config.pop("modality_dropout_region", None)
             config.pop("modality_dropout_side", None)
+            config.pop("modality_dropout_ramp", None)
     return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -7,6 +7,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,57 @@ AUTO_BATCH = -1
 batch that fits (``engine.autobatch``) and records the number it picked."""
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 """torch.compile modes a run may ask for."""
+AUTO_SHARE = -1.0
+"""A ``modality_dropout`` of ``auto`` (also written -1): DUAL_TRAINING's share for dual models, else 0."""
+DUAL_TRAINING = {"pairs": "any", "modality_dropout": 0.3}
+"""What ``pairs: auto`` and ``modality_dropout: auto`` mean for a dual model (docs/PERFORMANCE.md, "Fusion
+ablation": with box dropout of the events it finds the hovering drone on every seed); single-modality
+models train their required frames without dropout."""
+
+
+def shown(name: str, value: Any) -> str:
+    """A config value as the user writes it (``auto`` for the AUTO sentinels)."""
+    auto = (name in BATCH_FIELDS and value == AUTO_BATCH) or (
+        name == "modality_dropout" and value == AUTO_SHARE
+    )
+    return "auto" if auto else str(value)
+
+
+def parse_share(value: Any) -> float:
+    """A modality dropout share: a number in [0, 1], or ``auto`` / -1 (AUTO_SHARE); ValueError otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO_SHARE
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number in [0, 1] or auto, got {value!r}")
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number in [0, 1] or auto, got {value!r}") from None
+    if share != AUTO_SHARE and not 0.0 <= share <= 1.0:
+        raise ValueError(f"must be within [0, 1] or auto, got {share:g}")
+    return share
+
+
+def train_pairs(cfg: TrainConfig) -> str:
+    """The ``pairs`` a run trains on: ``auto`` resolved by modality (DUAL_TRAINING for dual models)."""
+    if cfg.pairs != "auto":
+        return cfg.pairs
+    return str(DUAL_TRAINING["pairs"]) if cfg.modality == "dual" else "required"
+
+
+def resolved(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping with its ``auto`` training choices (``pairs``, ``modality_dropout``) resolved
+    for its modality, as a run trains them."""
+    keys = ("modality", "pairs", "modality_dropout")
+    cfg = TrainConfig(**{k: config[k] for k in keys if k in config})
+    return {**config, "pairs": train_pairs(cfg), "modality_dropout": dropout_share(cfg)}
+
+
+def dropout_share(cfg: TrainConfig) -> float:
+    """The modality dropout share a run trains with: ``auto`` resolved by modality."""
+    if cfg.modality_dropout != AUTO_SHARE:
+        return cfg.modality_dropout
+    return float(DUAL_TRAINING["modality_dropout"]) if cfg.modality == "dual" else 0.0
 
 
 def parse_batch(value: Any) -> int:
@@ -71,7 +123,7 @@ class TrainConfig:
     weights_rgb: str = ""  # dual: the RGB backbone from an RGB model's checkpoint
     weights_event: str = ""  # dual: the event backbone from an event model's checkpoint
     autoanchor: bool = False
-    pairs: str = "required"  # which images train: required (the modality's frames exist), dual, any
+    pairs: str = "auto"  # which images train: auto, required (the modality's frames exist), dual, any
     # phases (the seed tool's semantics: epochs counted over the whole run)
     init_epoch: int = 0
     freeze_epoch: int = 50
@@ -103,9 +155,10 @@ class TrainConfig:
     hsv_h: float = 0.015
     hsv_s: float = 0.7
     hsv_v: float = 0.4
-    modality_dropout: float = 0.0  # dual: chance that a true pair trains with RGB or events blanked
-    modality_dropout_region: str = "image"  # what dropout blanks: the whole frame or the boxes only
-    modality_dropout_side: str = "both"  # which modality dropout blanks: both (50/50), rgb or event
+    modality_dropout: float = AUTO_SHARE  # dual: share of true pairs trained with one modality blanked
+    modality_dropout_region: str = "box_parts"  # what dropout blanks: image, boxes or box_parts
+    modality_dropout_side: str = "event"  # which modality dropout blanks: both (50/50), rgb or event
+    modality_dropout_ramp: float = 0.5  # share of the run over which the dropout share rises from 0
     # precision and speed
     fp16: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
     channels_last: bool = True
@@ -161,7 +214,8 @@ FIELD_HELP: dict[str, str] = {
     "weights_rgb": "RGB model checkpoint whose backbone initialises a dual model's RGB backbone",
     "weights_event": "event model checkpoint whose backbone initialises a dual model's event backbone",
     "autoanchor": "fit k-means anchors on the train boxes, kept when their recall is higher",
-    "pairs": "which train images: required (the modality's frames exist), dual (true pairs), any",
+    "pairs": "which train images: required (the modality's frames exist), dual (true pairs), any (the "
+    "unpaired ones too, the missing modality blanked), auto (any for dual models, else required)",
     "init_epoch": "epoch to start counting from",
     "freeze_epoch": "epochs of the freeze phase (backbones frozen)",
     "unfreeze_epoch": "total epochs of the run",
@@ -193,10 +247,15 @@ FIELD_HELP: dict[str, str] = {
     "hsv_s": "saturation jitter of RGB frames",
     "hsv_v": "value (brightness) jitter of RGB frames",
     "modality_dropout": (
-        "share of the true pairs trained with one modality blanked, drawn per sample and step "
-        "(dual models; which modality: modality_dropout_side; what is blanked: modality_dropout_region)"
+        "share of the true pairs of a dual model trained with one modality blanked, drawn per sample "
+        "and step (which modality: modality_dropout_side; what: modality_dropout_region); auto: 0.3 for "
+        "dual models, 0 otherwise"
     ),
     "modality_dropout_side": "which modality dropout blanks: both (RGB or events, 50/50), rgb or event",
+    "modality_dropout_ramp": (
+        "share of the run's epochs over which the modality dropout share rises linearly from 0 to "
+        "modality_dropout (0: the whole share from the first step)"
+    ),
     "modality_dropout_region": (
         "what modality dropout blanks: image (the whole frame, zeros), boxes (the grown target boxes "
         "where the other modality shows them take that modality's content from elsewhere in the frame; "
@@ -279,7 +338,7 @@ CHOICES = {
     "fusion": FUSIONS,
     "optimizer": ("sgd", "adamw", "adam", "auto"),
     "lr_decay_type": ("cos", "step", "linear"),
-    "pairs": ("required", "dual", "any"),
+    "pairs": ("auto", "required", "dual", "any"),
     "modality_dropout_region": DROPOUT_REGIONS,
     "modality_dropout_side": tuple(DROPOUT_SIDES),
     "best_metric": ("mAP50", "mAP50_95", "val_loss"),
@@ -320,6 +379,8 @@ def _coerce(name: str, value: Any, kind: Any = None) -> Any:
             raise ValueError("a value is required (got null)")
         if name in BATCH_FIELDS or name in ("batch_size", "batch"):
             return parse_batch(value)
+        if name == "modality_dropout":
+            return parse_share(value)
         if kind is bool:
             return parse_bool(value)
         if kind is int:
@@ -432,7 +493,7 @@ RANGES: tuple[tuple[tuple[str, ...], float, float], ...] = (
             "hsv_h",
             "hsv_s",
             "hsv_v",
-            "modality_dropout",
+            "modality_dropout_ramp",
         ),
         0.0,
         1.0,
@@ -461,6 +522,10 @@ def validate(cfg: TrainConfig, source: str = "") -> None:
             if not (low <= value <= high and math.isfinite(value)):
                 bound = f"within [{low}, {high}]" if high != math.inf else f">= {low}"
                 raise ConfigError(f"{name}: must be {bound}, got {value}{where}")
+    if cfg.modality_dropout != AUTO_SHARE and not 0.0 <= cfg.modality_dropout <= 1.0:
+        raise ConfigError(
+            f"modality_dropout: must be within [0, 1] or auto, got {cfg.modality_dropout}{where}"
+        )
     if cfg.init_lr == 0:
         raise ConfigError(f"init_lr: must be > 0, got {cfg.init_lr}{where}")
     _check_dual_options(cfg, where)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fredfusion.config import load_config
+from fredfusion.config import load_config, train_pairs
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import rank_indices
 from fredfusion.engine import step as step_mod
@@ -485,8 +485,8 @@ def _data_file(store: Path, seq: int, kind: str) -> Path:
 
 
 def _epoch_sequences(data: Path, batch: int, n_batches: int) -> list[int]:
-    """Sequence of each train image the first epoch visits (the loader's order)."""
-    ds = PreparedDataset(data, "train")
+    """Sequence of each train image the first epoch visits (the loader's order) in a default run."""
+    ds = PreparedDataset(data, "train", pairs=train_pairs(load_config(overrides=FAST)))
     pos = rank_indices(len(ds), seed=0, epoch=0, batch_size=batch)[: batch * n_batches]
     return [ds.sequence_of(i) for i in ds.ids[pos]]
 

@@ -26,11 +26,18 @@ CPU = torch.device("cpu")
 _STEPS: dict[tuple[Any, ...], TrainStep] = {}
 
 
+OPTIONS_OFF = {"pairs": "required", "modality_dropout": 0, "modality_dropout_region": "image",
+               "modality_dropout_side": "both", "modality_dropout_ramp": 0}  # fmt: skip
+"""The fusion training options switched off: each test below switches on what it tests."""
+
+
 def _step(data: Path, **overrides: Any) -> TrainStep:
-    """A dual YOLO-n TrainStep of the tiny settings with ``overrides`` (built once per module)."""
+    """A dual YOLO-n TrainStep of the tiny settings with ``overrides`` on OPTIONS_OFF (built once per
+    module; ``defaults=True``: the defaults instead of OPTIONS_OFF)."""
     key = (data, *sorted(overrides.items()))
     if key not in _STEPS:
-        cfg = load_config(overrides={**TINY_TRAIN, "data": str(data), "fp16": False, **overrides})
+        base = {} if overrides.pop("defaults", False) else OPTIONS_OFF
+        cfg = load_config(overrides={**TINY_TRAIN, "data": str(data), "fp16": False, **base, **overrides})
         model = build_model("dual", "n", num_classes=1)
         _STEPS[key] = TrainStep(cfg, model, 8, device=CPU, amp_dtype=None, optimizer_choice=("sgd", None))
     return _STEPS[key]
@@ -43,9 +50,14 @@ def _split_batch(data: Path, pairs: str) -> DeviceBatch:
 
 
 def _inputs(
-    step: TrainStep, batch: DeviceBatch, monkeypatch: pytest.MonkeyPatch, seed: int = 0
+    step: TrainStep,
+    batch: DeviceBatch,
+    monkeypatch: pytest.MonkeyPatch,
+    seed: int = 0,
+    progress: float = 1.0,
 ) -> dict[str, Any]:
-    """The model inputs and keep mask ``step.run`` produces for ``batch`` (the optimisation left out)."""
+    """The model inputs and keep mask ``step.run`` produces for ``batch`` at ``progress`` (the
+    optimisation left out)."""
     got: dict[str, Any] = {}
 
     def blank(rgb: torch.Tensor, event: torch.Tensor, keep: torch.Tensor) -> Any:
@@ -60,7 +72,7 @@ def _inputs(
 
     monkeypatch.setattr(step_mod, "blank_frames", blank)
     monkeypatch.setattr(step, "optimize", optimize)
-    step.run(step.model, batch, True, torch.Generator().manual_seed(seed))
+    step.run(step.model, batch, True, torch.Generator().manual_seed(seed), progress)
     return got
 
 
@@ -108,6 +120,22 @@ def test_dropout_is_reproducible_and_leaves_the_augmentation_alone(
         assert torch.equal(first[kind][kept], plain[kind][kept]), kind  # the same augmented frames
 
 
+def test_the_dropout_share_rises_over_the_ramp(
+    tiny_prepared: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """``modality_dropout_ramp: 0.5``: no pair dropped at the start, the share growing linearly to
+    the configured one half-way through the run, then staying there."""
+    step = _step(tiny_prepared, modality_dropout=1.0, modality_dropout_ramp=0.5)
+    assert [step.dropout_at(p) for p in (0.0, 0.25, 0.5, 0.9)] == [0.0, 0.5, 1.0, 1.0]
+    assert _step(tiny_prepared, modality_dropout=0.4).dropout_at(0.0) == 0.4  # no ramp: from the start
+    batch = _split_batch(tiny_prepared, "required")
+    start = _inputs(step, batch, monkeypatch, progress=0.0)["keep"]
+    half = _inputs(step, batch, monkeypatch, progress=0.25)["keep"]
+    assert bool(start.all())  # nothing dropped
+    assert 0 < int((half.sum(1) == 1).sum()) < len(half)  # some pairs dropped, not all
+    assert bool((_inputs(step, batch, monkeypatch, progress=0.6)["keep"].sum(1) == 1).all())
+
+
 def test_box_dropout_replaces_one_modality_inside_the_boxes_only(
     tiny_prepared: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:
@@ -150,6 +178,19 @@ def test_runs_without_missing_or_dropped_modalities_do_not_blank(
     got = _inputs(step, _split_batch(tiny_prepared, "required"), monkeypatch)
     assert step.blanking is False and "keep" not in got and not bool(_blank(got["rgb"]).any())
     assert _step(tiny_prepared, pairs="any", modality_dropout=0.5).blanking is True
+
+
+def test_dual_models_train_unpaired_frames_and_box_dropout_by_default(tiny_prepared: Path) -> None:
+    from fredfusion.config import dropout_share, train_pairs
+
+    cfg = _step(tiny_prepared, defaults=True).cfg
+    assert (train_pairs(cfg), dropout_share(cfg)) == ("any", 0.3)
+    assert (cfg.modality_dropout_region, cfg.modality_dropout_side) == ("box_parts", "event")
+    assert cfg.modality_dropout_ramp == 0.5
+    assert _step(tiny_prepared, defaults=True).blanking is True
+    for single in ("rgb", "event"):
+        cfg = load_config(overrides={**TINY_TRAIN, "data": str(tiny_prepared), "modality": single})
+        assert (train_pairs(cfg), dropout_share(cfg)) == ("required", 0.0)
 
 
 def test_resume_with_unpaired_images_and_dropout_is_bit_exact(

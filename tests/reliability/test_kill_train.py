@@ -36,8 +36,12 @@ def _train_args(data: Path, save_dir: Path, resume: bool = False) -> list[str]:
 
 
 def _steps_per_epoch(data: Path) -> int:
-    coco = json.loads((data / "annotations" / "instances_train.json").read_text())
-    return sum(im["pair_status"] == "dual" for im in coco["images"]) // BATCH
+    """Steps of an epoch of the default dual run (its images: ``pairs: auto`` resolved)."""
+    from fredfusion.config import TrainConfig, train_pairs
+    from fredfusion.data.dataset import PreparedDataset
+
+    pairs = train_pairs(TrainConfig(modality="dual"))
+    return len(PreparedDataset(data, "train", modality="dual", pairs=pairs, skip_bad=True)) // BATCH
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -22,6 +22,8 @@ from fredfusion.config import (
     load_yaml,
     parse_batch,
     parse_bool,
+    parse_share,
+    shown,
 )
 
 
@@ -29,6 +31,14 @@ def batch_arg(text: str) -> int:
     """An argparse ``type``: a batch size, an integer >= 1 or ``auto`` (the message names the flag)."""
     try:
         return parse_batch(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def share_arg(text: str) -> float:
+    """An argparse ``type``: a modality dropout share in [0, 1] or ``auto``."""
+    try:
+        return parse_share(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -69,7 +79,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {
             "dest": name,
             "default": argparse.SUPPRESS,
-            "help": f"{text} (default: {getattr(defaults, name)!s})" if text else "",
+            "help": f"{text} (default: {shown(name, getattr(defaults, name))})" if text else "",
         }
         if name == "resume":
             kwargs.update(nargs="?", const="true", metavar="RUN_DIR|last.pth")
@@ -79,6 +89,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
             kwargs.update(nargs=2, type=int, metavar=("H", "W"))
         elif name in BATCH_FIELDS:
             kwargs.update(type=batch_arg, metavar="N|auto")
+        elif name == "modality_dropout":
+            kwargs.update(type=share_arg, metavar="P|auto")
         else:
             kwargs.update(type=kind if kind in (int, float) else str)
         p.add_argument(*spellings, **kwargs)

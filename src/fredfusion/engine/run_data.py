@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fredfusion.config import TrainConfig
+from fredfusion.config import TrainConfig, dropout_share, train_pairs
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.engine.errors import TrainingStopped
 
@@ -25,7 +25,9 @@ class RunData:
 
 def open_run_data(cfg: TrainConfig, log: Callable[[str], None]) -> RunData:
     """Open the splits of ``cfg.data`` and log what was found; stop on damaged files (see check_damaged)."""
-    train = PreparedDataset(Path(cfg.data), "train", modality=cfg.modality, pairs=cfg.pairs, skip_bad=True)
+    train = PreparedDataset(
+        Path(cfg.data), "train", modality=cfg.modality, pairs=train_pairs(cfg), skip_bad=True
+    )
     if len(train) == 0:
         raise SystemExit(f"{cfg.data}: the train split has no usable images for modality {cfg.modality}")
     try:
@@ -82,14 +84,20 @@ def blanking_lines(cfg: TrainConfig, train: PreparedDataset) -> list[str]:
     event_only = int((train.has_event & ~train.has_rgb).sum())
     if rgb_only or event_only:
         lines.append(
-            f"unpaired: {rgb_only} rgb_only + {event_only} event_only train images (pairs {cfg.pairs}), "
-            f"their missing modality blanked (zeros)"
+            f"unpaired: {rgb_only} rgb_only + {event_only} event_only train images "
+            f"(pairs {train_pairs(cfg)}), their missing modality blanked (zeros)"
         )
-    if cfg.modality_dropout > 0:
+    share = dropout_share(cfg)
+    if share > 0:
         lines.append(
-            f"modality dropout: {cfg.modality_dropout:g} of the true pairs trained with "
+            f"modality dropout: {share:g} of the true pairs trained with "
             f"{DROPOUT_SIDE_WORDS[cfg.modality_dropout_side]} blanked "
             f"({DROPOUT_REGION_WORDS[cfg.modality_dropout_region]}, drawn per sample on the device)"
+            + (
+                f", rising from 0 over the first {cfg.modality_dropout_ramp:.0%} of the run"
+                if cfg.modality_dropout_ramp
+                else ""
+            )
         )
     return lines
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fredfusion.config import TrainConfig
+from fredfusion.config import TrainConfig, dropout_share, train_pairs
 from fredfusion.data.augment import AugmentConfig, augment_batch
 from fredfusion.data.blanking import blank_boxes, blank_frames, keep_masks, spared_parts
 from fredfusion.data.loader import DeviceBatch
@@ -82,7 +82,8 @@ class TrainStep:
         self.compute_loss = compile_callable(self.loss_fn, cfg.compile_mode) if cfg.compile else self.loss_fn
         self.aug_cfg = augment_config(cfg)
         # blanking (data.blanking) only where a dual run can have a missing or dropped modality
-        self.blanking = cfg.modality == "dual" and (cfg.modality_dropout > 0 or cfg.pairs == "any")
+        self.dropout = dropout_share(cfg)
+        self.blanking = cfg.modality == "dual" and (self.dropout > 0 or train_pairs(cfg) == "any")
         self._blank_for: torch.Generator | None = None
         self._blank_gen: torch.Generator | None = None
 
@@ -95,10 +96,16 @@ class TrainStep:
         return scaled_lr(self.cfg.init_lr, batch * self.world_size, name, self.cfg.nominal_batch)
 
     def run(
-        self, wrapped: nn.Module, batch: DeviceBatch, special: bool, generator: torch.Generator
+        self,
+        wrapped: nn.Module,
+        batch: DeviceBatch,
+        special: bool,
+        generator: torch.Generator,
+        progress: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Augment a loaded batch on the device (Mosaic / MixUp when ``special``), blank missing and
-        dropped modalities of a dual run (``data.blanking``), then ``optimize``."""
+        dropped modalities of a dual run (``data.blanking``), then ``optimize``. ``progress`` is the
+        share of the run's epochs done: the dropout share rises with it (``dropout_at``)."""
         rgb, event, targets = augment_batch(
             batch.rgb,
             batch.event,
@@ -109,7 +116,7 @@ class TrainStep:
             generator=generator,
         )
         if self.blanking:
-            share, draws = self.cfg.modality_dropout, self._dropout_generator(generator)
+            share, draws = self.dropout_at(progress), self._dropout_generator(generator)
             side = DROPOUT_SIDES[self.cfg.modality_dropout_side]
             keep = keep_masks(batch.present, len(batch.ids), share, draws, self.device, side)
             region = self.cfg.modality_dropout_region
@@ -121,6 +128,12 @@ class TrainStep:
             else:
                 rgb, event = blank_frames(rgb, event, keep)
         return self.optimize(wrapped, rgb, event, targets, len(batch.ids))
+
+    def dropout_at(self, progress: float) -> float:
+        """The modality dropout share at ``progress`` (share of the run's epochs done): rising linearly
+        from 0 over the first ``modality_dropout_ramp`` of the run, then the configured share."""
+        ramp = self.cfg.modality_dropout_ramp
+        return self.dropout * min(1.0, progress / ramp) if ramp > 0 else self.dropout
 
     def _dropout_generator(self, generator: torch.Generator) -> torch.Generator:
         """The generator of the modality dropout draws: its own stream, seeded from the augmentation

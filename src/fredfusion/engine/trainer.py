@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fredfusion.config import AUTO_BATCH, ConfigError, TrainConfig, save_config
+from fredfusion.config import AUTO_BATCH, ConfigError, TrainConfig, save_config, shown
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.frames import BadFrameError
 from fredfusion.data.loader import BatchLoader, DeviceBatch
@@ -317,7 +317,7 @@ class Trainer:
                 save_config(cfg, self.run_dir / "config.yaml")
             except ConfigError as exc:
                 raise TrainingStopped(str(exc)) from None
-            self.log("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+            self.log("config: " + ", ".join(f"{k}={shown(k, v)}" for k, v in cfg.to_dict().items()))
         self.run_log = RunLog(
             self.run_dir, enabled=self.dist.main, resume_epoch=epoch if cfg.resume else None, cfg=cfg
         )
@@ -435,7 +435,8 @@ class Trainer:
             for i in range(steps):
                 batch = meter.next_batch(batches)
                 lr = self._set_lr(epoch + i / steps, base_lr)
-                meter.add_step(*self._guarded_step(wrapped, batch, special, generator))
+                progress = (epoch + i / steps) / cfg.unfreeze_epoch
+                meter.add_step(*self._guarded_step(wrapped, batch, special, generator, progress))
                 self._phase_steps += 1
                 if meter.add_batch(batch) and self.dist.world_size == 1 and meter.bad_images > bad_limit:
                     raise self._too_many_bad_images(
@@ -455,16 +456,22 @@ class Trainer:
         return lr
 
     def _guarded_step(
-        self, wrapped: nn.Module, batch: DeviceBatch, special: bool, generator: torch.Generator
+        self,
+        wrapped: nn.Module,
+        batch: DeviceBatch,
+        special: bool,
+        generator: torch.Generator,
+        progress: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``TrainStep.run``; out of memory leaves the epoch as _OutOfMemory."""
+        """``TrainStep.run`` at ``progress`` (share of the run done); out of memory leaves the epoch as
+        _OutOfMemory."""
         failed = None
         try:
             clock = self._compile_clock
             if clock is None:
-                return self.step.run(wrapped, batch, special, generator)
+                return self.step.run(wrapped, batch, special, generator, progress)
             with clock:
-                result = self.step.run(wrapped, batch, special, generator)
+                result = self.step.run(wrapped, batch, special, generator, progress)
             self._compile_clock = None
             if clock.report is not None:
                 self.log(clock.report.line())
