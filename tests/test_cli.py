@@ -68,6 +68,8 @@ def _mistakes(f: dict[str, Path], data: Path, out: Path) -> dict[str, list[tuple
             (["--data", d, "--batch", "0"], "batch_size"),
             (["--data", d, "--imgsz", "100"], "input_shape"),
             (["--data", d, "--optimizer", "rmsprop"], "optimizer"),
+            (["--data", d, "--modality_dropout", "1.5"], "--modality_dropout"),
+            (["--data", d, "--modality_dropout_ramp", "2"], "modality_dropout_ramp"),
             (["--data", d, "--resume", missing], missing),
             (["--data", d, "--resume", good], "last.pth"),
             (["--data", d, "--bacth", "8"], "--batch"),

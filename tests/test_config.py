@@ -107,6 +107,9 @@ def test_example_config_in_the_repo_loads() -> None:
         ({"max_bad_steps": 2.5}, "max_bad_steps"),
         ({"max_bad_frame_share": 1.5}, "max_bad_frame_share"),
         ({"weight_decay": float("nan")}, "weight_decay"),
+        ({"modality_dropout": 1.5}, "modality_dropout"),
+        ({"modality_dropout": "lots"}, "modality_dropout"),
+        ({"modality_dropout_ramp": -0.1}, "modality_dropout_ramp"),
     ],
 )
 def test_wrong_types_and_values_name_the_key_and_file(tmp_path: Path, values: dict, key: str) -> None:
@@ -128,3 +131,12 @@ def test_fault_settings_load_and_save_errors_name_the_file(tmp_path: Path) -> No
     blocker.write_text("")
     with pytest.raises(ConfigError, match=r"file/run/config\.yaml: cannot write config"):
         save_config(cfg, blocker / "run" / "config.yaml")
+
+
+def test_modality_dropout_takes_a_share_or_auto() -> None:
+    from fredfusion.config import AUTO_SHARE, validate
+
+    assert apply_overrides(TrainConfig(), {"modality_dropout": "auto"}).modality_dropout == AUTO_SHARE
+    assert apply_overrides(TrainConfig(), {"modality_dropout": "0.25"}).modality_dropout == 0.25
+    with pytest.raises(ConfigError, match=r"^modality_dropout: must be within \[0, 1\] or auto, got 2$"):
+        validate(TrainConfig(modality_dropout=2.0))  # a config built in code is checked too

@@ -270,13 +270,13 @@ def _resolved_options(
     return values
 
 
-BEFORE_KEY = {
+DROPOUT_DETAILS = {
     "modality_dropout_region": "image",
     "modality_dropout_side": "both",
     "modality_dropout_ramp": 0.0,
 }
-"""What runs saved before these keys existed did: whole-frame dropout, RGB or events 50/50, from the
-first step."""
+"""The keys that say how modality dropout blanks (they change nothing without dropout), with what runs
+saved before they existed did: whole-frame dropout, RGB or events 50/50, from the first step."""
 
 
 def comparable(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -287,16 +287,16 @@ def comparable(config: Mapping[str, Any]) -> dict[str, Any]:
 def _differences(saved: Mapping[str, Any], planned: Mapping[str, Any]) -> list[str]:
     """``key saved -> planned`` for each key that differs, ``auto`` choices resolved on both sides and
     the dropout's region and side left out where there is no dropout; a key the saved config lacks (a
-    run of an earlier version) counts as what runs did before it existed (BEFORE_KEY) or its default."""
-    defaults = {**TrainConfig().to_dict(), **BEFORE_KEY}
+    run of an earlier version) counts as what runs did before it existed (DROPOUT_DETAILS) or its
+    default."""
+    defaults = {**TrainConfig().to_dict(), **DROPOUT_DETAILS}
     a, b = comparable(saved), comparable(planned)
     a.update({k: defaults[k] for k in b if k not in a and k in defaults})
     a, b = resolved(a), resolved(b)
     for config in (a, b):  # without dropout, what it would blank does not matter
         if not config.get("modality_dropout"):
-            config.pop("modality_dropout_region", None)
-            config.pop("modality_dropout_side", None)
-            config.pop("modality_dropout_ramp", None)
+            for key in DROPOUT_DETAILS:
+                config.pop(key, None)
     return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

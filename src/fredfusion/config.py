@@ -522,10 +522,10 @@ def validate(cfg: TrainConfig, source: str = "") -> None:
             if not (low <= value <= high and math.isfinite(value)):
                 bound = f"within [{low}, {high}]" if high != math.inf else f">= {low}"
                 raise ConfigError(f"{name}: must be {bound}, got {value}{where}")
-    if cfg.modality_dropout != AUTO_SHARE and not 0.0 <= cfg.modality_dropout <= 1.0:
-        raise ConfigError(
-            f"modality_dropout: must be within [0, 1] or auto, got {cfg.modality_dropout}{where}"
-        )
+    try:
+        parse_share(cfg.modality_dropout)
+    except ValueError as exc:
+        raise ConfigError(f"modality_dropout: {exc}{where}") from None
     if cfg.init_lr == 0:
         raise ConfigError(f"init_lr: must be > 0, got {cfg.init_lr}{where}")
     _check_dual_options(cfg, where)

@@ -171,6 +171,29 @@ def test_box_dropout_replaces_one_modality_inside_the_boxes_only(
         assert torch.equal(got[k] * ~cover, plain[k] * ~cover)  # nothing outside the boxes moved
 
 
+def test_events_only_box_dropout_leaves_the_rgb_alone(
+    tiny_prepared: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """``modality_dropout_side: event``: every true pair (share 1.0) has its events replaced inside some
+    box and its RGB exactly as augmented; nothing outside the grown boxes moves."""
+    batch = _split_batch(tiny_prepared, "required")
+    plain = _inputs(_step(tiny_prepared), batch, monkeypatch)
+    got = _inputs(
+        _step(
+            tiny_prepared,
+            modality_dropout=1.0,
+            modality_dropout_region="boxes",
+            modality_dropout_side="event",
+        ),
+        batch,
+        monkeypatch,
+    )
+    assert torch.equal(got["rgb"], plain["rgb"])
+    cover = box_cover(got["targets"], len(batch.ids), got["event"].shape[-2:]).unsqueeze(1)
+    assert torch.equal(got["event"] * ~cover, plain["event"] * ~cover)
+    assert bool((got["event"] != plain["event"]).any())
+
+
 def test_runs_without_missing_or_dropped_modalities_do_not_blank(
     tiny_prepared: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:

@@ -150,16 +150,20 @@ def blank_boxes(
     targets: Tensor,
     margin: float = BOX_MARGIN,
     spared: Tensor | None = None,
+    droppable: tuple[bool, bool] = (True, True),
 ) -> tuple[Tensor, Tensor]:
     """Blank only the boxes of the dropped modality where the other one shows them: for each target
     box whose sample has ``dropped`` ``(B, 2)`` True for RGB (column 0) or events (column 1), and
     whose other modality shows the drone (:func:`shows`), the pixels inside the grown box (less its
     ``spared`` part) take the values of its frame rolled by (H/2, W/2), in place. ``targets``,
-    ``margin`` and ``spared`` as in :func:`box_cover`."""
+    ``margin`` and ``spared`` as in :func:`box_cover`; a modality whose ``droppable`` is False (its
+    ``dropped`` column all False, as one-sided dropout makes it) is left without any work."""
     batch, _, h, w = rgb.shape
     seen = shows(rgb, event, targets)
     img = targets[:, 0].clamp(min=0).long()
     for k, frames in enumerate((rgb, event)):
+        if not droppable[k]:
+            continue
         rows = dropped[img, k] & seen[:, 1 - k]
         cover = box_cover(targets, batch, (h, w), margin, spared, rows).unsqueeze(1)
         frames.copy_(torch.where(cover, frames.roll((h // 2, w // 2), dims=(2, 3)), frames))

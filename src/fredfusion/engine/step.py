@@ -124,7 +124,10 @@ class TrainStep:
                 present = keep_masks(batch.present, len(batch.ids), 0.0, None, self.device)
                 spared = spared_parts(len(targets), draws, self.device) if region == "box_parts" else None
                 rgb, event = blank_frames(rgb, event, present)
-                rgb, event = blank_boxes(rgb, event, present & ~keep, targets, spared=spared)
+                droppable = (side < 1.0, side > 0.0)  # one-sided dropout never touches the other side
+                rgb, event = blank_boxes(
+                    rgb, event, present & ~keep, targets, spared=spared, droppable=droppable
+                )
             else:
                 rgb, event = blank_frames(rgb, event, keep)
         return self.optimize(wrapped, rgb, event, targets, len(batch.ids))

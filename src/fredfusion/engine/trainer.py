@@ -434,9 +434,11 @@ class Trainer:
         try:
             for i in range(steps):
                 batch = meter.next_batch(batches)
-                lr = self._set_lr(epoch + i / steps, base_lr)
-                progress = (epoch + i / steps) / cfg.unfreeze_epoch
-                meter.add_step(*self._guarded_step(wrapped, batch, special, generator, progress))
+                at = epoch + i / steps  # epochs done
+                lr = self._set_lr(at, base_lr)
+                meter.add_step(
+                    *self._guarded_step(wrapped, batch, special, generator, at / cfg.unfreeze_epoch)
+                )
                 self._phase_steps += 1
                 if meter.add_batch(batch) and self.dist.world_size == 1 and meter.bad_images > bad_limit:
                     raise self._too_many_bad_images(
