@@ -204,3 +204,16 @@ def test_blank_boxes_replaces_a_dropped_modality_only_where_the_other_shows_the_
             assert torch.equal(got[i][:, inside], elsewhere[i][:, inside])
             assert torch.equal(got[i][:, ~inside], old[i][:, ~inside])
     assert not torch.equal(event[0], before[1][0]) and not torch.equal(rgb[3], before[0][3])
+
+
+def test_blank_boxes_by_default_replaces_each_box_grown_by_a_tenth() -> None:
+    """The documented default area: a 6x4 box grown by a tenth on each side (0.6 x 0.4 pixels, snapped
+    outwards to one pixel), not the quarter of the ring ``shows`` compares the box with."""
+    rgb, event, targets = _scene()
+    event[0] = torch.rand(3, 16, 24)  # no two pixels alike (the RGB shows the box, so it is blanked)
+    before = event.clone()
+    dropped = torch.tensor([[False, True]] + [[False, False]] * 4)
+    blank_boxes(rgb, event, dropped, targets)
+    area = torch.zeros(16, 24, dtype=torch.bool)
+    area[5:11, 7:15] = True
+    assert torch.equal((event[0] != before[0]).any(0), area)
