@@ -189,6 +189,15 @@ def test_shows_tells_which_modality_shows_each_box() -> None:
     assert not bool(shows(rgb, event, targets)[3, 1])
 
 
+def test_shows_computes_only_the_columns_asked_for() -> None:
+    rgb, event, targets = _scene()
+    both = shows(rgb, event, targets)
+    rgb_only = shows(rgb, event, targets, which=(True, False))
+    events_only = shows(rgb, event, targets, which=(False, True))
+    assert torch.equal(rgb_only[:, 0], both[:, 0]) and not bool(rgb_only[:, 1].any())
+    assert torch.equal(events_only[:, 1], both[:, 1]) and not bool(events_only[:, 0].any())
+
+
 def test_blank_boxes_replaces_a_dropped_modality_only_where_the_other_shows_the_box() -> None:
     rgb, event, targets = _scene()
     before = rgb.clone(), event.clone()

@@ -163,7 +163,7 @@ def blank_boxes(
     ``margin`` and ``spared`` as in :func:`box_cover`; a modality whose ``droppable`` is False (its
     ``dropped`` column all False, as one-sided dropout makes it) is left without any work."""
     batch, _, h, w = rgb.shape
-    seen = shows(rgb, event, targets)
+    seen = shows(rgb, event, targets, which=(droppable[1], droppable[0]))  # dropping k needs 1 - k
     img = targets[:, 0].clamp(min=0).long()
     for k, frames in enumerate((rgb, event)):
         if not droppable[k]:
@@ -174,28 +174,32 @@ def blank_boxes(
     return rgb, event
 
 
-def shows(rgb: Tensor, event: Tensor, targets: Tensor) -> Tensor:
-    """``(K, 2)`` bool: whether RGB (column 0) and events (column 1) show each target box.
+def shows(rgb: Tensor, event: Tensor, targets: Tensor, which: tuple[bool, bool] = (True, True)) -> Tensor:
+    """``(K, 2)`` bool: whether RGB (column 0) and events (column 1) show each target box; a column
+    ``which`` leaves out is all False and costs nothing.
 
     RGB shows a box when its mean grey level differs from that of the ring around it (the box grown by
     RING_MARGIN) by at least RGB_CONTRAST; events show it when at least EVENT_DENSITY of its pixels
     have an event and that share is EVENT_OVER_BACKGROUND times the frame's. ``rgb`` / ``event``
     ``(B, 3, H, W)`` in [0, 1]; sums by integral images, no host read. Rows without a box: False."""
     h, w = rgb.shape[-2:]
-    grey = _integral(rgb.mean(1))
-    fired = _integral((event.amax(1) > 0).to(rgb.dtype))
     img = targets[:, 0].clamp(min=0).long()
     box = _snapped(_grown(targets, 0.0), (h, w))
-    grown = _snapped(_grown(targets, RING_MARGIN), (h, w))
-    area, grown_area = _area(box), _area(grown)
-    box_grey = _box_sum(grey, img, box)
-    inside = box_grey / area.clamp(min=1)
-    ring = (_box_sum(grey, img, grown) - box_grey) / (grown_area - area).clamp(min=1)
-    density = _box_sum(fired, img, box) / area.clamp(min=1)
-    background = fired[img, h, w] / (h * w)
+    area = _area(box)
     valid = (targets[:, 0] >= 0) & (area > 0)
-    rgb_shows = valid & ((inside - ring).abs() >= RGB_CONTRAST)
-    event_shows = valid & (density >= EVENT_DENSITY) & (density >= EVENT_OVER_BACKGROUND * background)
+    rgb_shows = event_shows = torch.zeros_like(valid)
+    if which[0]:
+        grey = _integral(rgb.mean(1))
+        grown = _snapped(_grown(targets, RING_MARGIN), (h, w))
+        box_grey = _box_sum(grey, img, box)
+        inside = box_grey / area.clamp(min=1)
+        ring = (_box_sum(grey, img, grown) - box_grey) / (_area(grown) - area).clamp(min=1)
+        rgb_shows = valid & ((inside - ring).abs() >= RGB_CONTRAST)
+    if which[1]:
+        fired = _integral((event.amax(1) > 0).to(rgb.dtype))
+        density = _box_sum(fired, img, box) / area.clamp(min=1)
+        background = fired[img, h, w] / (h * w)
+        event_shows = valid & (density >= EVENT_DENSITY) & (density >= EVENT_OVER_BACKGROUND * background)
     return torch.stack((rgb_shows, event_shows), 1)
 
 
