@@ -264,8 +264,9 @@ FIELD_HELP: dict[str, str] = {
     ),
     "fp16": "mixed precision on a GPU (bf16 where supported, else fp16)",
     "channels_last": "channels-last memory format",
-    "compile": "torch.compile the model and the loss with a persistent cache (compile_cache); the first "
-    "step of each phase prints its compile time and whether the cache served it",
+    "compile": "torch.compile the model, the loss and the evaluation forward (without CUDA graphs) with a "
+    "persistent cache (compile_cache); the first step of each phase and the first evaluation print their "
+    "compile time and whether the cache served them",
     "compile_mode": "torch.compile mode; reduce-overhead and max-autotune record CUDA graphs (one process)",
     "compile_cache": "folder of torch.compile's persistent cache (empty: $FREDFUSION_CACHE/compile, else "
     "$TORCHINDUCTOR_CACHE_DIR, else ~/.cache/fredfusion/compile or under $XDG_CACHE_HOME)",

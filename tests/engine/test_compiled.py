@@ -228,3 +228,15 @@ def test_the_compiled_loss_is_traced_once_for_a_shape(monkeypatch: pytest.Monkey
         step.compute_loss([p.float() for p in preds], targets)
     # a first call that filled a cache of the loss (its constants on the device) was traced again
     assert counters[0].frame_count == 1
+
+
+def test_evaluation_compiles_without_cuda_graphs_in_every_mode() -> None:
+    from fredfusion.engine.compiled import without_cuda_graphs
+
+    modes = {m: without_cuda_graphs(m) for m in ("default", "reduce-overhead", "max-autotune")}
+    assert modes == {
+        "default": "default",
+        "reduce-overhead": "default",
+        "max-autotune": "max-autotune-no-cudagraphs",
+    }
+    assert without_cuda_graphs("max-autotune-no-cudagraphs") == "max-autotune-no-cudagraphs"

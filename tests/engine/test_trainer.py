@@ -177,10 +177,15 @@ def test_compile_flag_trains_through_torch_compile_and_saves_plain_keys(
     cfg = _cfg(tiny_prepared, tmp_path, unfreeze_epoch=1, compile=True, compile_cache=str(cache))
     lines: list[str] = []
     summary = Trainer(cfg, log=lines.append).fit()
-    assert len(compiled) == 2 and summary["best"] is not None  # the model and the loss
+    # the model, the loss and, once for the run, the evaluation forward (of the EMA model)
+    assert len(compiled) == 3 and summary["best"] is not None
     assert cache.is_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
-    (line,) = [x for x in lines if x.startswith("compile: ")]  # the first step of the one phase
-    assert line.startswith("compile: the first unfreeze step at batch 8 took ") and str(cache) in line
+    step_line, eval_line = [x for x in lines if x.startswith("compile: ")]  # first step, first evaluation
+    assert step_line.startswith("compile: the first unfreeze step at batch 8 took ")
+    assert str(cache) in step_line
+    assert eval_line.startswith("compile: the first evaluation took ") and str(cache) in eval_line
+    eager = Trainer(_cfg(tiny_prepared, tmp_path / "eager", unfreeze_epoch=1)).fit()
+    assert summary["mAP50"] == eager["mAP50"] and summary["val_loss"] == eager["val_loss"]  # same metrics
     for name in ("last.pth", "best.pth"):
         ckpt = load_checkpoint(tmp_path / "dual" / name)
         assert not any("_orig_mod" in k for k in ckpt["model"]), name

@@ -111,6 +111,12 @@ def compile_callable(fn: F, mode: str = "default") -> F:
     return torch.compile(fn, mode=mode)  # type: ignore[return-value]
 
 
+def without_cuda_graphs(mode: str) -> str:
+    """``mode`` less its CUDA graphs, for evaluation: it keeps several batches in flight, and a graph's
+    replay would overwrite the outputs of the one before."""
+    return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+
+
 def mark_step_begin(mode: str) -> None:
     """Before a training iteration in a CUDA-graph mode: the previous iteration's graph outputs are dead."""
     if mode in CUDA_GRAPH_MODES:

@@ -18,6 +18,7 @@ Faults the loop trains through, and where it stops (with a message naming what h
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 from collections.abc import Callable
@@ -39,7 +40,13 @@ from fredfusion.engine.checkpoint import (
     resume_training,
     save_training_checkpoints,
 )
-from fredfusion.engine.compiled import CompileClock, check_compile_mode, compile_callable, use_compile_cache
+from fredfusion.engine.compiled import (
+    CompileClock,
+    check_compile_mode,
+    compile_callable,
+    use_compile_cache,
+    without_cuda_graphs,
+)
 from fredfusion.engine.ema import unwrap
 from fredfusion.engine.errors import TrainingStopped
 from fredfusion.engine.memory import training_need
@@ -83,6 +90,7 @@ class Trainer:
         self._auto_picks: dict[bool, AutoBatch] = {}  # phase (frozen) -> batch auto picked
         self._compile_cache = ""  # the persistent compile cache folder (compile only)
         self._compile_clock: CompileClock | None = None  # times the first compiled step of a phase
+        self._compiled_eval: tuple[nn.Module, nn.Module] | None = None  # (model, its compiled forward)
 
     def log(self, message: str) -> None:
         """Print ``message`` on the main process."""
@@ -602,19 +610,23 @@ class Trainer:
                 seed=cfg.seed + epoch,
                 frozen=eval_model.backbone_modules() if self._phase(epoch)[0] else None,
             )
-        result = evaluate(
-            eval_model,
-            self.data.val,
-            batch_size=cfg.eval_batch_size,
-            device=self.device,
-            input_hw=self.input_hw,
-            conf=cfg.conf_thres,
-            iou=cfg.nms_iou,
-            amp_dtype=self.amp_dtype,
-            loss_fn=self.step.loss_fn,
-            num_workers=0,
-            compute_map=not cfg.no_eval_map,
-        )
+        model, clock = self._eval_forward(eval_model)
+        with clock if clock is not None else contextlib.nullcontext():
+            result = evaluate(
+                model,
+                self.data.val,
+                batch_size=cfg.eval_batch_size,
+                device=self.device,
+                input_hw=self.input_hw,
+                conf=cfg.conf_thres,
+                iou=cfg.nms_iou,
+                amp_dtype=self.amp_dtype,
+                loss_fn=self.step.loss_fn,
+                num_workers=0,
+                compute_map=not cfg.no_eval_map,
+            )
+        if clock is not None and clock.report is not None:
+            self.log(clock.report.line())
         row["val_loss"] = result.metrics.get("val_loss")
         if not cfg.no_eval_map:
             row["mAP50"] = result.metrics.get("mAP50")
@@ -626,6 +638,17 @@ class Trainer:
         else:
             self.log(f"epoch {epoch + 1}: val_loss {row['val_loss']:.4f}")
         self._log_val_images(eval_model, epoch)
+
+    def _eval_forward(self, eval_model: nn.Module) -> tuple[nn.Module, CompileClock | None]:
+        """The model evaluation runs: under ``compile`` its compiled forward (compiled once, without CUDA
+        graphs), with a clock for the first evaluation; else ``eval_model`` itself."""
+        if not self.cfg.compile:
+            return eval_model, None
+        if self._compiled_eval is not None and self._compiled_eval[0] is eval_model:
+            return self._compiled_eval[1], None
+        compiled = compile_callable(eval_model, without_cuda_graphs(self.cfg.compile_mode))
+        self._compiled_eval = (eval_model, compiled)
+        return compiled, CompileClock(self.device, "the first evaluation", self._compile_cache)
 
     def _save(self, epoch: int, state: dict[str, Any], row: dict[str, Any]) -> None:
         """best.pth (when the score improved), last.pth, epNNN.pth; a failed write stops the run."""
