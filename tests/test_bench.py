@@ -457,3 +457,29 @@ def test_bench_compile_times_the_first_calls_apart_and_reports_them(
     assert printed.count(compile_line(comp)) == 1
     assert compile_line(comp).startswith(f"compile: mode default, no Inductor graphs in {cache}; first calls")
     assert compile_line(comp).endswith(f"; compiled model step {_fmt(comp['compiled_pairs_per_s'])} pairs/s")
+
+
+def test_bench_evaluates_a_cuda_graph_mode_compiled_without_cuda_graphs(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evaluation keeps batches in flight, which CUDA graphs' replays would overwrite: bench compiles
+    its eval forward apart, in the mode less its graphs, as training does."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    real_compile = torch.compile
+    modes: list[str | None] = []
+
+    def eager_compile(fn, **kwargs):  # records the mode asked for; the eager backend takes none
+        modes.append(kwargs.pop("mode", None))
+        return real_compile(fn, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", inductor_config.fx_graph_cache)
+    monkeypatch.setattr(functorch_config, "enable_autograd_cache", functorch_config.enable_autograd_cache)
+    argv = ["bench", "--data", str(tiny_prepared), "--modality", "rgb", *SMALL, "--workers", "0"]
+    argv += ["--out", str(tmp_path / "bench"), "--skip", "read", "augment", "step", "train"]
+    argv += ["--compile", "--compile-mode", "reduce-overhead", "--compile-cache", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    assert modes[0] == "reduce-overhead" and modes[-1] is None  # the model; its eval forward apart

@@ -52,7 +52,13 @@ from fredfusion.config import ConfigError, TrainConfig, validate
 from fredfusion.data.augment import augment_batch
 from fredfusion.data.dataset import PreparedDataset
 from fredfusion.data.loader import BatchLoader, DeviceBatch
-from fredfusion.engine.compiled import CompileClock, CompileReport, compile_callable, use_compile_cache
+from fredfusion.engine.compiled import (
+    CompileClock,
+    CompileReport,
+    compile_callable,
+    use_compile_cache,
+    without_cuda_graphs,
+)
 from fredfusion.engine.ema import unwrap
 from fredfusion.engine.memory import GiB, PeakMemory, training_need
 from fredfusion.engine.optim import resolve_optimizer
@@ -758,8 +764,11 @@ def _measure(
             batches.close()
     if "eval" not in skip:
         eval_set, split = _eval_dataset(Path(cfg.data), cfg.modality, train_set)
+        evaluated = wrapped  # compiled as training evaluates: without CUDA graphs
+        if cfg.compile and without_cuda_graphs(cfg.compile_mode) != cfg.compile_mode:
+            evaluated = compile_callable(net, without_cuda_graphs(cfg.compile_mode))
         results["eval"] = _bench_eval(
-            wrapped, eval_set, split, cfg, run["eval_batch"], steps, warmup, device, compiled
+            evaluated, eval_set, split, cfg, run["eval_batch"], steps, warmup, device, compiled
         )
         say(f"bench: eval {_fmt(results['eval']['pairs_per_s'])} pairs/s")
     unwrap(wrapped).train()
